@@ -78,14 +78,14 @@ def broadcast_to(x: jax.Array, shape: Sequence[int], name: str, target: str, fn:
   return jnp.broadcast_to(x, shape)
 
 
-def mask_array(where: Any, shape: Sequence[int], fn: str) -> jax.Array | None:
+def mask_array(where: Any, shape: Sequence[int], target: str, fn: str) -> jax.Array | None:
   """Validates ``where`` and broadcasts it to ``shape`` as booleans."""
   if where is None:
     return None
   where = as_array(where, "where", fn)
   if where.dtype != jnp.bool_:
     raise TypeError(f"{fn}: where must be a boolean array, got dtype {where.dtype}.")
-  return broadcast_to(where, shape, "where", "logits", fn)
+  return broadcast_to(where, shape, "where", target, fn)
 
 
 def class_weights(weights: Any, num_classes: int, fn: str) -> jax.Array | None:

@@ -14,7 +14,7 @@ def _prepare(x: ArrayLike, axis: int, where: ArrayLike | None, fn: str):
   """Validates inputs; returns (x in compute dtype, mask or None, axis, out dtype)."""
   x = _common.as_array(x, "x", fn)
   axis = _common.canonical_axis(axis, x.ndim, "x", fn)
-  mask = _common.mask_array(where, x.shape, fn)
+  mask = _common.mask_array(where, x.shape, "x", fn)
   out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
   return x.astype(_common.compute_dtype(x.dtype)), mask, axis, out_dtype
 

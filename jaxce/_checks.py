@@ -1,0 +1,44 @@
+"""Run-time label checks for jitted code, via ``jax.experimental.checkify``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from jax.experimental import checkify
+
+
+def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Wraps ``fn`` so that invalid labels inside it raise, even under ``jit``.
+
+  Eagerly, jaxce's losses raise ``ValueError`` on out-of-range labels. Inside
+  ``jax.jit`` the values are unknown at trace time, so such examples give NaN;
+  ``checked`` runs ``fn`` under :func:`jax.experimental.checkify.checkify` and
+  raises ``checkify.JaxRuntimeError`` naming the loss and the number of bad
+  labels. The check costs one reduction; without ``checked`` it compiles away.
+
+  Args:
+    fn: any function calling jaxce losses, typically already ``jax.jit``-ed
+      (the error is raised by the wrapper, outside the compiled call).
+
+  Returns:
+    A function with ``fn``'s signature and outputs that raises on a failed check.
+
+  Examples:
+    >>> import jax, jaxce
+    >>> loss = jax.jit(lambda x, y: jaxce.sparse_cross_entropy(x, y, reduction="mean"))
+    >>> jaxce.checked(loss)(jnp.zeros((2, 3)), jnp.array([0, 3]))
+    Traceback (most recent call last):
+      ...
+    jax...JaxRuntimeError: jaxce.sparse_cross_entropy: labels must be in [0, 3) or equal ignore_index; got 1 bad label(s)...
+  """
+  checked_fn = checkify.checkify(fn, errors=checkify.user_checks)
+
+  @functools.wraps(fn)
+  def wrapper(*args: Any, **kwargs: Any) -> Any:
+    err, out = checked_fn(*args, **kwargs)
+    err.throw()
+    return out
+
+  return wrapper

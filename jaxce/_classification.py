@@ -1,0 +1,289 @@
+"""Softmax cross-entropy with integer (sparse) or probability (dense) labels, and NLL."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxce import _common
+from jaxce._softmax import shifted_sumexp
+
+
+class _Labels:
+  """Integer labels resolved against ``C`` classes, an ignore index and a mask.
+
+  Attributes:
+    safe: labels clipped into ``[0, C)`` (safe to gather with).
+    keep: rows that contribute to the loss (not ignored, not fully masked).
+    bad: rows with an invalid label (out of range, or hidden by ``where``).
+  """
+
+  def __init__(self, labels, num_classes, ignore_index, mask, fn, *, check=True):
+    in_range = (labels >= 0) & (labels < num_classes)
+    self.safe = jnp.where(in_range, labels, 0)
+    ignored = jnp.zeros(labels.shape, bool) if ignore_index is None else labels == ignore_index
+    active = jnp.ones(labels.shape, bool) if mask is None else jnp.any(mask, axis=-1)
+    valid = in_range
+    if mask is not None:
+      valid = valid & jnp.take_along_axis(mask, self.safe[..., None], axis=-1)[..., 0]
+    self.keep = active & ~ignored
+    self.bad = self.keep & ~valid
+    if check:
+      detail = "" if mask is None else ", and be a class that `where` keeps"
+      _common.check_label_values(self.bad, labels, num_classes, fn, detail)
+
+
+def _prepare(logits, axis, where, fn, name="logits"):
+  """Validates logits; returns (x with classes last in compute dtype, mask, axis)."""
+  logits = _common.as_array(logits, name, fn)
+  _common.check_floating(logits, name, fn)
+  axis = _common.canonical_axis(axis, logits.ndim, name, fn)
+  mask = _common.mask_array(where, logits.shape, name, fn)
+  x = jnp.moveaxis(logits, axis, -1).astype(_common.compute_dtype(logits.dtype))
+  mask = None if mask is None else jnp.moveaxis(mask, axis, -1)
+  return x, mask, axis
+
+
+def _neg_log_probs(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Returns ``(-log softmax(x), shifted)`` over the last axis; masked entries ``+inf``."""
+  shifted, sumexp, _, has_mass = shifted_sumexp(x, -1, mask)
+  return jnp.log(jnp.where(has_mass, sumexp, 1.0)) - shifted, shifted
+
+
+def _per_class(weights: jax.Array, like: jax.Array) -> jax.Array:
+  """Class weights ``(C,)`` shaped to broadcast against ``like`` ``[..., C]``."""
+  return weights.astype(like.dtype).reshape((1,) * (like.ndim - 1) + weights.shape)
+
+
+def _smoothing_term(neg_logp, shifted, weights):
+  """``mean_c w_c·(-log p_c)`` over the possible classes (unmasked, logit > -inf)."""
+  possible = shifted > -jnp.inf
+  terms = neg_logp if weights is None else _per_class(weights, neg_logp) * neg_logp
+  total = jnp.sum(jnp.where(possible, terms, 0.0), axis=-1)
+  return _common.safe_divide(total, jnp.sum(possible, axis=-1).astype(total.dtype))
+
+
+def sparse_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int = -1,
+    weights: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+  r"""Softmax cross-entropy with integer class labels.
+
+  .. math::
+    \ell_n = (1-\varepsilon)\,w_{y_n}\,(-\log p_{n,y_n})
+      + \tfrac{\varepsilon}{C}\textstyle\sum_c w_c\,(-\log p_{n,c}),
+    \quad p_n = \mathrm{softmax}(x_n)
+
+  ``reduction="mean"`` divides the sum by :math:`\sum_n w_{y_n}` over the kept
+  examples, exactly as PyTorch does. Semantics chosen where the references differ:
+
+  * ``ignore_index`` examples (and examples whose every class is masked out by
+    ``where``) give 0 and are left out of the mean; if none is left the mean is
+    0 with zero gradients (PyTorch gives NaN).
+  * Labels outside ``[0, C)`` (other than ``ignore_index``), or naming a class
+    that ``where`` masks out, raise ``ValueError`` when the labels are concrete;
+    under ``jit``/``vmap`` they give NaN for that example (never another class).
+    Wrap with :func:`jaxce.checked` to turn that into an error under ``jit``.
+  * ``where=False`` classes and ``-inf`` logits are impossible classes: they get
+    probability 0, zero gradient, and no label-smoothing mass (``C`` counts the
+    possible classes only), so the loss stays finite.
+  * ``+inf`` or NaN logits in a kept example give NaN.
+  * bf16/fp16 logits are accumulated in float32; the loss is float32 (float64
+    for float64 logits) and gradients come back in the logits' dtype.
+
+  Args:
+    logits: unnormalised scores ``[..., C, ...]`` with classes on ``axis``.
+    labels: integer class indices of ``logits.shape`` without ``axis``.
+    axis: the class axis (PyTorch's ``(N, C, d1..dk)`` layout is ``axis=1``).
+    weights: optional per-class weights ``(C,)`` (PyTorch ``weight``).
+    ignore_index: optional label value whose examples are skipped (PyTorch's
+      default is ``-100``).
+    label_smoothing: :math:`\varepsilon \in [0, 1]`; the target becomes
+      ``(1-ε)·onehot + ε/C``.
+    where: optional boolean mask broadcastable to ``logits.shape``.
+    reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+
+  Returns:
+    Per-example losses of ``logits.shape`` without ``axis`` for ``"none"``,
+    otherwise a scalar.
+
+  Examples:
+    >>> import jaxce
+    >>> logits = jnp.array([[-0.5, -0.2, -0.3]])
+    >>> jaxce.sparse_cross_entropy(logits, jnp.array([0]), reduction="mean")
+    Array(1.2729..., dtype=float32)
+
+  References:
+    ``torch.nn.functional.cross_entropy`` (class indices);
+    ``tf.nn.sparse_softmax_cross_entropy_with_logits``.
+  """
+  fn = "jaxce.sparse_cross_entropy"
+  _common.check_reduction(reduction, fn)
+  _common.check_smoothing(label_smoothing, fn)
+  x, mask, axis = _prepare(logits, axis, where, fn)
+  labels = _common.as_array(labels, "labels", fn)
+  _common.check_int_labels(labels, fn)
+  _common.check_shape(labels, x.shape[:-1], "labels", "logits without the class axis", fn)
+  w = _common.class_weights(weights, x.shape[-1], fn)
+  lab = _Labels(labels, x.shape[-1], ignore_index, mask, fn)
+
+  neg_logp, shifted = _neg_log_probs(x, mask)
+  nll = jnp.take_along_axis(neg_logp, lab.safe[..., None], axis=-1)[..., 0]
+  w_y = jnp.ones_like(nll) if w is None else w.astype(nll.dtype)[lab.safe]
+  loss = w_y * nll
+  if not (isinstance(label_smoothing, (int, float)) and label_smoothing == 0):
+    smooth = _smoothing_term(neg_logp, shifted, w)
+    loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+  loss = jnp.where(lab.bad, jnp.nan, jnp.where(lab.keep, loss, 0.0))
+  return _common.reduce_loss(loss, reduction, jnp.sum(jnp.where(lab.keep, w_y, 0.0)))
+
+
+def dense_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int = -1,
+    weights: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+  r"""Softmax cross-entropy with probability (soft) labels.
+
+  .. math::
+    \ell_n = -\textstyle\sum_c w_c\, t_{n,c} \log \mathrm{softmax}(x_n)_c,
+    \quad t = (1-\varepsilon)\,\mathrm{labels} + \varepsilon / C
+
+  ``reduction="mean"`` divides by the number of examples (PyTorch's rule for
+  probability targets, weights or not). Gradients flow to ``labels`` too (as in
+  ``tf.nn.softmax_cross_entropy_with_logits``). Chosen semantics:
+
+  * Classes masked by ``where`` are dropped with their label mass (masking
+    equals slicing); an example with every class masked gives 0 and is left out
+    of the mean (0, not NaN, if none is left).
+  * A class with zero target mass contributes 0 even when its logit is ``-inf``
+    (no ``0·inf`` NaN); label smoothing spreads ``ε`` over the possible classes
+    only (unmasked, logit ``> -inf``).
+  * ``+inf`` or NaN logits give NaN. bf16/fp16 logits accumulate in float32; the
+    loss is float32 (float64 for float64 logits).
+  * Labels are not checked to be a distribution (non-negative, summing to 1).
+
+  Args:
+    logits: unnormalised scores ``[..., C, ...]`` with classes on ``axis``.
+    labels: floating target probabilities of ``logits.shape``.
+    axis: the class axis.
+    weights: optional per-class weights ``(C,)``.
+    label_smoothing: :math:`\varepsilon \in [0, 1]`.
+    where: optional boolean mask broadcastable to ``logits.shape``.
+    reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+
+  Returns:
+    Per-example losses of ``logits.shape`` without ``axis`` for ``"none"``,
+    otherwise a scalar.
+
+  Examples:
+    >>> import jaxce
+    >>> logits = jnp.array([[4.0, 2.0, 1.0], [0.0, 5.0, 1.0]])
+    >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 0.8, 0.2]])
+    >>> jaxce.dense_cross_entropy(logits, labels)
+    Array([0.1698..., 0.8247...], dtype=float32)
+
+  References:
+    ``tf.nn.softmax_cross_entropy_with_logits``;
+    ``torch.nn.functional.cross_entropy`` (class probabilities).
+  """
+  fn = "jaxce.dense_cross_entropy"
+  _common.check_reduction(reduction, fn)
+  _common.check_smoothing(label_smoothing, fn)
+  x, mask, axis = _prepare(logits, axis, where, fn)
+  labels = _common.as_array(labels, "labels", fn)
+  if not jnp.issubdtype(labels.dtype, jnp.floating):
+    raise TypeError(
+        f"{fn}: labels must be floating-point probabilities, got dtype {labels.dtype}. "
+        "For integer class indices use jaxce.sparse_cross_entropy."
+    )
+  _common.check_shape(labels, jnp.shape(logits), "labels", "logits", fn)
+  w = _common.class_weights(weights, x.shape[-1], fn)
+
+  neg_logp, shifted = _neg_log_probs(x, mask)
+  target = jnp.moveaxis(labels, axis, -1).astype(x.dtype)
+  if not (isinstance(label_smoothing, (int, float)) and label_smoothing == 0):
+    possible = shifted > -jnp.inf
+    count = jnp.sum(possible, axis=-1, keepdims=True).astype(x.dtype)
+    spread = _common.safe_divide(possible.astype(x.dtype), count)
+    target = (1.0 - label_smoothing) * target + label_smoothing * spread
+  if w is not None:
+    target = target * _per_class(w, x)
+  if mask is not None:
+    target = jnp.where(mask, target, 0.0)
+  zero_times_inf = (target == 0) & (neg_logp == jnp.inf)
+  loss = jnp.sum(target * jnp.where(zero_times_inf, 0.0, neg_logp), axis=-1)
+  if mask is None:
+    return _common.reduce_loss(loss, reduction)
+  active = jnp.any(mask, axis=-1)
+  loss = jnp.where(active, loss, 0.0)
+  return _common.reduce_loss(loss, reduction, jnp.sum(active))
+
+
+def nll_loss(
+    log_probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int = -1,
+    weights: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+  r"""Negative log-likelihood of integer labels given log-probabilities.
+
+  .. math::
+    \ell_n = -w_{y_n}\, \mathrm{log\_probs}_{n, y_n}
+
+  Same label rules as :func:`sparse_cross_entropy`: ``reduction="mean"``
+  divides by :math:`\sum_n w_{y_n}` over non-ignored examples (0 if none),
+  ignored examples give 0, and out-of-range labels raise ``ValueError`` when
+  concrete and give NaN under ``jit``. The input is not normalised: pass
+  :func:`log_softmax` output. bf16/fp16 inputs give a float32 loss.
+
+  Args:
+    log_probs: log-probabilities ``[..., C, ...]`` with classes on ``axis``.
+    labels: integer class indices of ``log_probs.shape`` without ``axis``.
+    axis: the class axis.
+    weights: optional per-class weights ``(C,)``.
+    ignore_index: optional label value whose examples are skipped.
+    reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+
+  Returns:
+    Per-example losses of ``log_probs.shape`` without ``axis`` for ``"none"``,
+    otherwise a scalar.
+
+  Examples:
+    >>> import jaxce
+    >>> probs = jnp.array([[0.3, 0.3, 0.4], [0.3, 0.4, 0.3], [0.1, 0.2, 0.7]])
+    >>> jaxce.nll_loss(jnp.log(probs), jnp.array([2, 1, 0]), reduction="mean")
+    Array(1.3783..., dtype=float32)
+
+  References:
+    ``torch.nn.functional.nll_loss``.
+  """
+  fn = "jaxce.nll_loss"
+  _common.check_reduction(reduction, fn)
+  x, _, axis = _prepare(log_probs, axis, None, fn, "log_probs")
+  labels = _common.as_array(labels, "labels", fn)
+  _common.check_int_labels(labels, fn)
+  _common.check_shape(labels, x.shape[:-1], "labels", "log_probs without the class axis", fn)
+  w = _common.class_weights(weights, x.shape[-1], fn)
+  lab = _Labels(labels, x.shape[-1], ignore_index, None, fn)
+
+  picked = jnp.take_along_axis(x, lab.safe[..., None], axis=-1)[..., 0]
+  w_y = jnp.ones_like(picked) if w is None else w.astype(picked.dtype)[lab.safe]
+  loss = jnp.where(lab.bad, jnp.nan, jnp.where(lab.keep, -w_y * picked, 0.0))
+  return _common.reduce_loss(loss, reduction, jnp.sum(jnp.where(lab.keep, w_y, 0.0)))
