@@ -31,7 +31,7 @@ def shifted_sumexp(
   """
   if mask is not None:
     x = jnp.where(mask, x, -jnp.inf)
-  x_max = jnp.max(x, axis=axis, keepdims=True)
+  x_max = jnp.max(x, axis=axis, keepdims=True, initial=-jnp.inf)  # -inf for an empty axis
   x_max = lax.stop_gradient(jnp.where(x_max == -jnp.inf, 0.0, x_max))
   shifted = x - x_max
   sumexp = jnp.sum(jnp.exp(shifted), axis=axis, keepdims=True)
