@@ -85,6 +85,7 @@ def run_torch(data: input_pipeline.Dataset, epochs: int, seed: int = 0) -> dict:
 
 def main(argv):
   del argv
+  train.quiet_library_logs()
   jax_result = run_jax(FLAGS.data_dir, FLAGS.epochs)
   print(f"JAX    : {jax_result['wall_seconds']:8.1f} s wall ({jax_result['train_seconds']:.1f} s "
         f"in training epochs), test accuracy {100 * jax_result['test_accuracy']:.2f}%, "
