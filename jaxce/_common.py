@@ -22,7 +22,7 @@ def as_array(x: Any, name: str, fn: str) -> jax.Array:
   """``jnp.asarray`` with an error that names the argument."""
   try:
     return jnp.asarray(x)
-  except TypeError as e:
+  except (TypeError, ValueError) as e:
     raise TypeError(f"{fn}: {name} must be array-like, got {type(x).__name__}: {e}") from None
 
 
