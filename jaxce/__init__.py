@@ -6,6 +6,7 @@ from jaxce._checks import checked
 from jaxce._classification import dense_cross_entropy
 from jaxce._classification import nll_loss
 from jaxce._classification import sparse_cross_entropy
+from jaxce._linear import linear_cross_entropy
 from jaxce._regression import mse_loss
 from jaxce._softmax import log_softmax
 from jaxce._softmax import logsumexp
@@ -18,6 +19,7 @@ __all__ = (
     "binary_cross_entropy_with_logits",
     "checked",
     "dense_cross_entropy",
+    "linear_cross_entropy",
     "log_softmax",
     "logsumexp",
     "mse_loss",
