@@ -15,7 +15,6 @@ environment variables, or ``--distributed`` to let JAX detect Slurm / Open MPI /
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -117,7 +116,7 @@ def replicate(tree):
 
 
 def train_step(state, images, labels, idx, valid):
-  """One SGD step on this device's slice of a global batch; rows with ``valid=False`` are padding."""
+  """One SGD step on this device's share of a global batch; ``valid=False`` rows are padding."""
   count = lax.psum(jnp.sum(valid, dtype=jnp.float32), AXIS)
 
   def loss_fn(params):
@@ -179,7 +178,7 @@ def current_topology() -> Topology:
 
 def epoch_batches(num_examples: int, batch_size: int, *, seed: int,
                   epoch: int) -> tuple[np.ndarray, np.ndarray]:
-  """One epoch as ``(steps, batch_size)`` indices and mask: a fresh permutation, last batch padded."""
+  """An epoch as ``(steps, batch_size)`` indices and mask: fresh permutation, last batch padded."""
   perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
   steps = -(-num_examples // batch_size)
   idx = np.zeros(steps * batch_size, np.int32)
@@ -282,6 +281,8 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str, title: str) -> Non
   ax_loss.legend()
   ax_acc.plot(epochs, [100 * r["test_accuracy"] for r in history], "s-", color="C1")
   ax_acc.set(xlabel="epoch", ylabel="%", title="test accuracy")
+  for ax in (ax_loss, ax_acc):
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   fig.suptitle(title, fontsize=9, wrap=True)
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -320,7 +321,6 @@ class RunOutputs:
     if self.is_main and data.notice:
       banner = "!" * 100
       logging.warning("\n%s\n%s\n%s", banner, data.notice, banner)
-      print(f"WARNING: {data.notice}", file=sys.stderr, flush=True)
     self.log("data: %s from %s: %d train, %d test examples", data.name, data.source,
              len(data.train), len(data.test))
     if self.writer:
@@ -363,6 +363,8 @@ class RunOutputs:
   def summary(self, num_train: int, num_test: int, num_devices: int) -> dict[str, Any]:
     """The final one-line JSON summary (training time summed over resumed runs too)."""
     last = self.history[-1] if self.history else {}
+    if self.offline and self.is_main:
+      logging.warning("Finished on the offline subset. %s", self.dataset)
     self.checkpoints.close()
     if self.writer:
       self.writer.close()
@@ -410,7 +412,10 @@ def validate_config(config, num_devices: int) -> None:
 def load_data(config) -> input_pipeline.Dataset:
   """Loads MNIST as the config says, optionally keeping the first N examples (smoke runs)."""
   data = input_pipeline.load_mnist(config.data_dir, tfds_data_dir=config.tfds_data_dir)
-  take = lambda s, n: input_pipeline.Split(s.images[:n], s.labels[:n]) if n else s
+
+  def take(split, n):
+    return input_pipeline.Split(split.images[:n], split.labels[:n]) if n else split
+
   return dataclasses.replace(data, train=take(data.train, config.num_train_examples),
                              test=take(data.test, config.num_test_examples))
 

@@ -31,8 +31,8 @@ def write_mnist_dir(folder: str, *, num_train: int, num_test: int, gz: bool = Tr
   digits = input_pipeline.load_offline_subset()
   os.makedirs(folder, exist_ok=True)
   suffix = ".gz" if gz else ""
-  for split, n in ((digits.train, num_train), (digits.test, num_test)):
-    images_name, labels_name = input_pipeline.IDX_FILES["train" if split is digits.train else "test"]
+  for name, split, n in (("train", digits.train, num_train), ("test", digits.test, num_test)):
+    images_name, labels_name = input_pipeline.IDX_FILES[name]
     take = np.random.default_rng(0).permutation(len(split))[:n]  # The subset is sorted by class.
     images = split.images[take].reshape(n, 28, 28)
     write_file(os.path.join(folder, images_name + suffix), idx_bytes(images, 2051))

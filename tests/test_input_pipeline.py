@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 import pytest
+from mnist_fixtures import idx_bytes, write_file, write_mnist_dir
 
 import input_pipeline
 from input_pipeline import DataFileError
-from mnist_fixtures import idx_bytes, write_file, write_mnist_dir
 
 IMAGES, LABELS = input_pipeline.IDX_FILES["train"]
 

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from mnist_fixtures import write_mnist_dir
 
 import input_pipeline
 import train
 from configs import default, smoke
-from mnist_fixtures import write_mnist_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN, NUM_TEST = 200, 90  # 4 batches a epoch, the last one partial (200 = 3 * 64 + 8).
