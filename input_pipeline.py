@@ -182,11 +182,12 @@ def tfds_unavailable_reason(tfds_data_dir: str | None = None) -> str | None:
   """``None`` when tfds can give MNIST now; otherwise why not (checked in seconds, not minutes)."""
   try:
     builder = _tfds_builder(tfds_data_dir)
+    if builder.is_prepared() or _tfds_archives_cached(builder):
+      return None
+    url = next(iter(builder.url_infos))
   except Exception as e:  # noqa: BLE001  (any import or registry failure means "use the fallback")
     return f"tensorflow-datasets unusable: {e!r}"
-  if builder.is_prepared() or _tfds_archives_cached(builder):
-    return None
-  if not _host_reachable(next(iter(builder.url_infos))):
+  if not _host_reachable(url):
     return "no network: the MNIST download host cannot be reached and nothing is cached"
   return None
 
