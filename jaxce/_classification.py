@@ -19,7 +19,7 @@ class _Labels:
     bad: rows with an invalid label (out of range, or hidden by ``where``).
   """
 
-  def __init__(self, labels, num_classes, ignore_index, mask, fn, *, check=True):
+  def __init__(self, labels, num_classes, ignore_index, mask, fn):
     in_range = (labels >= 0) & (labels < num_classes)
     self.safe = jnp.where(in_range, labels, 0)
     ignored = jnp.zeros(labels.shape, bool) if ignore_index is None else labels == ignore_index
@@ -29,9 +29,8 @@ class _Labels:
       valid = valid & jnp.take_along_axis(mask, self.safe[..., None], axis=-1)[..., 0]
     self.keep = active & ~ignored
     self.bad = self.keep & ~valid
-    if check:
-      detail = "" if mask is None else ", and be a class that `where` keeps"
-      _common.check_label_values(self.bad, labels, num_classes, fn, detail)
+    detail = "" if mask is None else ", and be a class that `where` keeps"
+    _common.check_label_values(self.bad, labels, num_classes, fn, detail)
 
 
 def _prepare(logits, axis, where, fn, name="logits"):
