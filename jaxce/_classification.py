@@ -30,7 +30,7 @@ class _Labels:
     self.keep = active & ~ignored
     self.bad = self.keep & ~valid
     detail = "" if mask is None else ", and be a class that `where` keeps"
-    _common.check_label_values(self.bad, labels, num_classes, fn, detail)
+    _common.check_label_values(self.bad, labels, num_classes, fn, detail, ignore_index)
 
 
 def _prepare(logits, axis, where, fn, name="logits"):
@@ -39,6 +39,8 @@ def _prepare(logits, axis, where, fn, name="logits"):
   _common.check_floating(logits, name, fn)
   axis = _common.canonical_axis(axis, logits.ndim, name, fn)
   mask = _common.mask_array(where, logits.shape, name, fn)
+  if logits.shape[axis] == 0:
+    raise ValueError(f"{fn}: {name} has no classes (axis {axis} of shape {logits.shape} is 0).")
   x = jnp.moveaxis(logits, axis, -1)
   mask = None if mask is None else jnp.moveaxis(mask, axis, -1)
   return x, mask, axis
@@ -139,8 +141,8 @@ def sparse_cross_entropy(
   keep = lab.keep.astype(dtype)
   w_y = keep if w is None else w.astype(dtype)[lab.safe] * keep
   eps = None if _is_zero(label_smoothing) else label_smoothing * keep
-  loss = _fused.sparse_rows(x, mask, lab.safe, (1.0 - label_smoothing) * w_y, eps, w,
-                            z_loss * keep)
+  loss = _fused.sparse_rows(x, mask, lab.safe, lab.keep & ~lab.bad,
+                            (1.0 - label_smoothing) * w_y, eps, w, z_loss * keep)
   loss = jnp.where(lab.bad, jnp.nan, jnp.where(lab.keep, loss, 0.0))
   return _common.reduce_loss(loss, reduction, jnp.sum(w_y))
 

@@ -110,6 +110,91 @@ class TestSparseRows(parameterized.TestCase):
     _close(loss, np.log(c), 1e-6)
 
 
+class TestSparseRowsPivot(parameterized.TestCase):
+  """The label-logit pivot, its fallback to the row max, and the buffers XLA keeps."""
+
+  def _overflowing(self, seed=11):
+    x, y, w, _ = _problem(seed)
+    # Row 2 has a logit 200 above its label's: exp(x - x_y) overflows float32.
+    return x.at[2, (int(y[2]) + 1) % x.shape[1]].set(200.0), y, w
+
+  @parameterized.product(smoothing=[0.0, 0.2], z=[0.0, 1e-3])
+  def test_overflowing_rows_match_reference_through_row_max_fallback(self, smoothing, z):
+    x, y, w = self._overflowing()
+    fused = lambda x, w: jaxce.sparse_cross_entropy(x, y, weights=w, label_smoothing=smoothing,
+                                                    z_loss=z, reduction="mean")
+    naive = lambda x, w: naive_sparse(x, y, w, smoothing, z)
+    for f in (fused, jax.jit(fused)):
+      self.assertTrue(np.isfinite(float(f(x, w))))
+      _close(f(x, w), naive(x, w))
+      got, ref = jax.grad(f, argnums=(0, 1))(x, w), jax.grad(naive, argnums=(0, 1))(x, w)
+      _close(got[0], ref[0])
+      _close(got[1], ref[1])
+
+  def test_vmap_with_one_overflowing_member_matches_unbatched_calls(self):
+    x, y, _ = self._overflowing()
+    xs, ys = jnp.stack([x, x.at[2].set(0.0)]), jnp.stack([y, y])
+    loss_and_grad = jax.value_and_grad(lambda x, y: jaxce.sparse_cross_entropy(x, y).sum())
+    got = jax.jit(jax.vmap(loss_and_grad))(xs, ys)
+    for i in range(2):
+      want = loss_and_grad(xs[i], ys[i])
+      _close(got[0][i], want[0])
+      _close(got[1][i], want[1])
+    _close(got[0][0], naive_sparse(x, y, jnp.ones(x.shape[1]), 0.0, 0.0) * x.shape[0])
+
+  def test_hessian_through_the_fallback_matches_reference(self):
+    x, y, w, _ = _problem(12, n=3, c=4)
+    x = x.at[0, (int(y[0]) + 1) % 4].set(150.0)
+    fused = lambda x: jaxce.sparse_cross_entropy(x, y, weights=w, reduction="mean")
+    _close(jax.hessian(fused)(x), jax.hessian(lambda x: naive_sparse(x, y, w, 0.0, 0.0))(x), 1e-4)
+
+  def test_ignored_rows_with_overflowing_logits_give_zero_loss_and_gradient(self):
+    x, y, _ = self._overflowing()
+    y = y.at[2].set(-100)  # the overflowing row is ignored
+    f = lambda x: jaxce.sparse_cross_entropy(x, y, ignore_index=-100, z_loss=1e-3).sum()
+    loss, grad = jax.jit(jax.value_and_grad(f))(x)
+    self.assertTrue(np.isfinite(float(loss)))
+    np.testing.assert_array_equal(np.asarray(grad[2]), 0.0)
+    keep = np.arange(x.shape[0]) != 2
+    _close(jax.grad(f)(x)[keep], jax.grad(lambda x: jaxce.sparse_cross_entropy(
+        x[keep], y[keep], z_loss=1e-3).sum())(x)[keep])
+
+  def test_loss_is_shift_invariant_at_large_offsets(self):
+    # The label term is log Σ exp(x − x_y) itself, not (x_y + log s) − x_y,
+    # so a large common offset does not round the loss away.
+    x, y, _, _ = _problem(13)
+    x = jnp.round(x * 64) / 64  # multiples of 1/64: x + 3000 is exact in float32
+    base = jaxce.sparse_cross_entropy(x, y)
+    np.testing.assert_allclose(np.asarray(jaxce.sparse_cross_entropy(x + 3000.0, y)),
+                               np.asarray(base), rtol=1e-6)
+
+  def test_bf16_overflowing_rows_fall_back_and_return_bf16_gradients(self):
+    x, y, w = self._overflowing()
+    f = lambda x: jaxce.sparse_cross_entropy(x, y, weights=w, reduction="mean")
+    loss, grad = jax.jit(jax.value_and_grad(f))(x.astype(jnp.bfloat16))
+    self.assertEqual(grad.dtype, jnp.bfloat16)
+    xr = x.astype(jnp.bfloat16).astype(jnp.float32)
+    _close(loss, naive_sparse(xr, y, w, 0.0, 0.0), 1e-5)
+    _close(grad.astype(jnp.float32), jax.grad(lambda x: naive_sparse(x, y, w, 0.0, 0.0))(xr), 1e-2)
+
+  @parameterized.named_parameters(
+      ("rows", (512, 1024), None),
+      ("leading_axes", (4, 128, 1024), None),
+      ("vmapped", (4, 128, 1024), "vmap"),
+  )
+  def test_fused_loss_and_gradient_keep_no_logits_sized_temporary(self, shape, how):
+    # exp(x − x_y) is written into the gradient's own buffer, scaled and
+    # scattered in place: no [N, C] temporary besides the output.
+    x = jnp.zeros(shape, jnp.float32)
+    y = jnp.zeros(shape[:-1], jnp.int32)
+    loss = lambda x, y: jaxce.sparse_cross_entropy(x, y, reduction="mean")
+    if how == "vmap":
+      loss = lambda x, y, f=loss: jax.vmap(f)(x, y).mean()
+    f = jax.jit(jax.value_and_grad(loss))
+    temp = f.lower(x, y).compile().memory_analysis().temp_size_in_bytes
+    self.assertLess(temp, x.size * 4 // 8)
+
+
 class TestDenseRows(parameterized.TestCase):
 
   @parameterized.parameters(0.0, 1e-2)
