@@ -116,7 +116,12 @@ def check_int_labels(labels: jax.Array, fn: str) -> None:
 
 
 def check_label_values(
-    bad: jax.Array, labels: jax.Array, num_classes: int, fn: str, detail: str = ""
+    bad: jax.Array,
+    labels: jax.Array,
+    num_classes: int,
+    fn: str,
+    detail: str = "",
+    ignore_index: int | None = None,
 ) -> None:
   """Raises eagerly on concrete bad labels; adds a checkify check under tracing.
 
@@ -124,7 +129,8 @@ def check_label_values(
   the loss is NaN for those examples and :func:`jaxce.checked` turns the check
   into an error.
   """
-  message = f"{fn}: labels must be in [0, {num_classes}) or equal ignore_index{detail}"
+  allowed = "" if ignore_index is None else f" or equal ignore_index ({ignore_index})"
+  message = f"{fn}: labels must be in [0, {num_classes}){allowed}{detail}"
   if is_concrete(bad, labels):
     bad_np = np.asarray(bad)
     if bad_np.any():

@@ -125,7 +125,7 @@ def linear_cross_entropy(
 
   valid = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
   bad = valid & ((labels < 0) | (labels >= num_classes))
-  _common.check_label_values(bad, labels, num_classes, _FN)
+  _common.check_label_values(bad, labels, num_classes, _FN, ignore_index=ignore_index)
 
   batch_shape = labels.shape
   num_rows = int(np.prod(batch_shape, dtype=np.int64))

@@ -265,9 +265,16 @@ class TestSparseCrossEntropy(parameterized.TestCase):
     assert np.isnan(loss[0])
     _close(loss[1], ref_sparse(np.array([[0.0, 1.0]]), [0])[0])
 
+  def test_zero_classes_raise_a_clear_error(self):
+    for fn, labels in ((jaxce.sparse_cross_entropy, jnp.zeros(2, int)),
+                       (jaxce.dense_cross_entropy, jnp.zeros((2, 0))),
+                       (jaxce.nll_loss, jnp.zeros(2, int))):
+      with pytest.raises(ValueError, match=r"has no classes \(axis 1 of shape \(2, 0\) is 0\)"):
+        fn(jnp.zeros((2, 0)), labels)
+
   def test_out_of_range_label_raises_eagerly(self):
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\) or equal ignore_index; "
-                       r"got -1 at index \(1,\)"):
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\) or equal ignore_index "
+                       r"\(-100\); got -1 at index \(1,\)"):
       jaxce.sparse_cross_entropy(jnp.zeros((2, 3)), jnp.array([0, -1]), ignore_index=-100)
     with pytest.raises(ValueError, match=r"got 3 at index \(0,\)"):
       jaxce.sparse_cross_entropy(jnp.zeros((2, 3)), jnp.array([3, 0]))
