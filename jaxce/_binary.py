@@ -79,7 +79,8 @@ def binary_cross_entropy(
   p, y, w = _elementwise_inputs(probs, labels, weights, fn, "probs")
   outside = (p < 0) | (p > 1)
   if _common.is_concrete(p) and bool(jnp.any(outside)):
-    raise ValueError(f"{fn}: probs must lie in [0, 1]; got values in [{float(p.min()):.6g}, {float(p.max()):.6g}].")
+    lo, hi = float(p.min()), float(p.max())
+    raise ValueError(f"{fn}: probs must lie in [0, 1]; got values in [{lo:.6g}, {hi:.6g}].")
   loss = -(y * _clamped_log(p) + (1.0 - y) * _clamped_log(1.0 - p))
   loss = jnp.where(outside, jnp.nan, loss)
   return _weighted_reduce(loss, w, reduction)

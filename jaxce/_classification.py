@@ -93,9 +93,16 @@ def sparse_cross_entropy(
     loss is float32 (float64 for float64
     logits) and gradients come back in the logits' dtype.
 
-  The gradient is hand-written (``jax.custom_vjp``): the forward saves one
-  logsumexp per example and the backward writes ``softmax − target`` in a single
-  pass. ``grad``-of-``grad`` and ``jax.hessian`` work; ``jax.jvp`` of the loss
+  The gradient is hand-written (``jax.custom_vjp``). Each row is shifted by its
+  label's logit rather than its max (no max pass; an overflowing row sends the
+  call through the max-shifted path), ``exp`` runs once and is kept for the
+  backward (for 16-bit logits it is recomputed instead, so no float32 copy is
+  held), and the backward scales it and scatters ``-1`` at the labels. Under
+  ``jit`` the kept ``exp`` is written into the gradient's buffer: with logits
+  passed in, loss and gradient need no other ``[..., C]`` buffer; with logits
+  computed in the same step, one beside them (as optax). For vocabularies where
+  that matters, :func:`jaxce.linear_cross_entropy` never forms the logits.
+  ``grad``-of-``grad`` and ``jax.hessian`` work; ``jax.jvp`` of the loss
   raises JAX's ``TypeError`` for ``custom_vjp`` functions.
 
   Args:

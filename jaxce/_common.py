@@ -48,7 +48,8 @@ def canonical_axis(axis: int, ndim: int, name: str, fn: str) -> int:
   if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
     raise TypeError(f"{fn}: axis must be an int, got {axis!r}.")
   if ndim == 0:
-    raise ValueError(f"{fn}: {name} must have at least one dimension (the class axis); got a scalar.")
+    raise ValueError(
+        f"{fn}: {name} must have at least one dimension (the class axis); got a scalar.")
   if not -ndim <= axis < ndim:
     raise ValueError(f"{fn}: axis={axis} is out of range for {name} of rank {ndim}.")
   return int(axis) % ndim
@@ -58,7 +59,8 @@ def check_smoothing(label_smoothing: float, fn: str) -> None:
   if is_concrete(label_smoothing):
     value = np.asarray(label_smoothing)
     if value.shape != () or not 0.0 <= float(value) <= 1.0:
-      raise ValueError(f"{fn}: label_smoothing must be a scalar in [0, 1]; got {label_smoothing!r}.")
+      raise ValueError(
+          f"{fn}: label_smoothing must be a scalar in [0, 1]; got {label_smoothing!r}.")
 
 
 def check_shape(x: jax.Array, shape: Sequence[int], name: str, other: str, fn: str) -> None:

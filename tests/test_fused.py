@@ -195,6 +195,18 @@ class TestSparseRowsPivot(parameterized.TestCase):
     self.assertLess(temp, x.size * 4 // 8)
 
 
+  def test_in_a_training_step_holds_the_logits_and_one_buffer_of_their_size(self):
+    # Logits from a matmul: the kept exp(x − x_y) is one [N, C] buffer beside
+    # them and becomes the gradient in place (optax holds the same two).
+    n, d, c = 256, 32, 4096
+    h, w = jnp.zeros((n, d)), jnp.zeros((d, c))
+    y = jnp.zeros((n,), jnp.int32)
+    step = jax.jit(jax.grad(
+        lambda h, w: jaxce.sparse_cross_entropy(h @ w, y, reduction="mean"), argnums=(0, 1)))
+    temp = step.lower(h, w).compile().memory_analysis().temp_size_in_bytes
+    self.assertLessEqual(temp, 2 * n * c * 4 + 64 * 1024)
+
+
 class TestDenseRows(parameterized.TestCase):
 
   @parameterized.parameters(0.0, 1e-2)
