@@ -21,8 +21,10 @@ its max: ``s = Σ_c exp(x_c − x_y) ≥ 1`` needs no max pass and the loss is
 max-shifted path (``lax.cond``, one predicate for all rows, ``vmap`` included).
 For 32/64-bit logits the forward keeps ``exp(x − x_y)`` for the backward, so
 ``exp`` runs once; under ``jit`` XLA writes it straight into the gradient's
-buffer, so fused loss+gradient holds no ``[N, C]`` temporary. For 16-bit logits
-the forward keeps only the logits and the backward recomputes ``exp``.
+buffer, so loss+gradient of logits passed in holds no other ``[N, C]`` buffer
+(in a step that computes the logits, it is one beside them, as in optax). For
+16-bit logits the forward keeps only the logits and the backward recomputes
+``exp``, rather than hold a float32 copy.
 
 Probability labels (``dense_rows``) save per-row statistics (``lse`` and a few
 sums) and the backward recomputes ``softmax`` from the logits.
@@ -90,8 +92,10 @@ def _label_pivot_exp(x, labels, live, keep_exp, dtype):
   pass and gives ``s ≥ 1`` (the label's term is ``exp(0)``). If that overflows
   for any live row (a logit ~88 above the label's in float32) or a live label's
   logit is not finite, the whole call takes the row max as pivot instead
-  (``lax.cond``). Rows that are not live get ``e = 0``, ``p = 0`` and ``s = 1``.
-  ``e`` is None unless ``keep_exp`` (the backward pass then reuses it).
+  (``lax.cond``). On the fast path, rows that are not live get ``e = 0``,
+  ``p = 0`` and ``s = 1``; nothing downstream reads their values (their loss
+  coefficients and cotangents are 0). ``e`` is None unless ``keep_exp`` (the
+  backward pass then reuses it).
   """
   return _pivot_exp_fn(keep_exp, jnp.dtype(dtype).name)(x, labels, live)
 
@@ -164,8 +168,9 @@ def sparse_rows(x, mask, labels, live, a, eps, weights, z):
     x: logits ``[..., C]``.
     mask: boolean ``[..., C]`` or None.
     labels: int ``[...]`` in ``[0, C)``.
-    live: bool ``[...]``, the rows whose loss is used; the others give 0 with a
-      zero gradient, whatever their logits and labels.
+    live: bool ``[...]``, the rows whose loss is used; the others give 0 and a
+      zero gradient whatever their labels (NaN or ``+inf`` logits there still
+      give NaN gradient entries, as in optax and PyTorch).
     a: ``[...]`` weight of the label term, ``(1-ε)·w_y`` (0 for dropped rows).
     eps: ``[...]`` smoothing mass ``ε`` (0 for dropped rows), or None.
     weights: class weights ``(C,)`` or None.
