@@ -11,14 +11,10 @@ from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import jaxce
+from torch_ref import F
+from torch_ref import needs_torch
+from torch_ref import torch
 
-try:
-  import torch
-  import torch.nn.functional as F
-except ImportError:  # pragma: no cover - torch is optional
-  torch = None
-
-needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
 SETTINGS = hypothesis.settings(max_examples=10, deadline=None, derandomize=True, database=None)
 SHAPES = ((5,), (3, 4), (2, 3, 4))
 REDUCTIONS = (("none", "none"), ("mean", "mean"), ("sum", "sum"))
@@ -234,10 +230,10 @@ class TestBinaryCrossEntropy(chex.TestCase):
     with pytest.raises(TypeError, match=r"probs must be a floating-point array, got dtype int32"):
       jaxce.binary_cross_entropy(jnp.array([0, 1]), jnp.array([0, 1]))
 
-  @needs_torch
   @parameterized.named_parameters(
       ("mean", "mean", None), ("none_weighted", "none", (3, 4)),
       ("mean_weighted", "mean", (4,)), ("sum_weighted", "sum", (3, 1)))
+  @needs_torch
   def test_matches_torch(self, reduction, wshape):
     rng = np.random.default_rng(4)
     p = rng.uniform(size=(3, 4)).astype(np.float32)
@@ -393,11 +389,11 @@ class TestBinaryCrossEntropyWithLogits(chex.TestCase):
                        r"int32"):
       jaxce.binary_cross_entropy_with_logits(jnp.array([0, 1]), jnp.array([0, 1]))
 
-  @needs_torch
   @parameterized.named_parameters(
       ("mean", "mean", None, None), ("sum_weight", "sum", (4,), None),
       ("none_pos_weight", "none", None, (4,)), ("mean_both", "mean", (3, 1), (4,)),
       ("none_both", "none", (3, 4), (3, 4)))
+  @needs_torch
   def test_matches_torch(self, reduction, wshape, pshape):
     rng = np.random.default_rng(10)
     x = (5 * rng.standard_normal((3, 4))).astype(np.float32)

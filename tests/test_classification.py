@@ -13,14 +13,10 @@ from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import jaxce
+from torch_ref import F
+from torch_ref import needs_torch
+from torch_ref import torch
 
-try:
-  import torch
-  import torch.nn.functional as F
-except ImportError:  # pragma: no cover - torch is optional
-  torch = None
-
-needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
 SETTINGS = hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
 
 
@@ -153,9 +149,9 @@ class TestSparseCrossEntropy(parameterized.TestCase):
     loss = jax.jit(functools.partial(jaxce.sparse_cross_entropy, **opts))  # one compile per case
     _close(loss(x, y), ref_sparse(x, y, **ref_opts), 1e-4, 1e-4)
 
-  @needs_torch
   @parameterized.product(reduction=["none", "mean", "sum"], smoothing=[0.0, 0.3],
                          weighted=[False, True])
+  @needs_torch
   def test_matches_pytorch_with_ignore_index(self, reduction, smoothing, weighted):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(6, 5, 3)).astype(np.float32)
@@ -409,9 +405,9 @@ class TestDenseCrossEntropy(parameterized.TestCase):
                          ls=opts["label_smoothing"], reduction=opts["reduction"])
     _close(got, expected, 1e-4, 1e-4)
 
-  @needs_torch
   @parameterized.product(reduction=["none", "mean", "sum"], smoothing=[0.0, 0.3],
                          weighted=[False, True])
+  @needs_torch
   def test_matches_pytorch_probability_targets(self, reduction, smoothing, weighted):
     rng = np.random.default_rng(10)
     x = rng.normal(size=(6, 5, 3)).astype(np.float32)
@@ -527,8 +523,8 @@ class TestNllLoss(parameterized.TestCase):
                           reduction="mean")
     self.assertAlmostEqual(float(loss), expected, places=4)
 
-  @needs_torch
   @parameterized.product(reduction=["none", "mean", "sum"], weighted=[False, True])
+  @needs_torch
   def test_matches_pytorch(self, reduction, weighted):
     rng = np.random.default_rng(15)
     lp = np.log(np.moveaxis(rng.dirichlet(np.ones(4), size=(5, 2)), -1, 1)).astype(np.float32)

@@ -11,14 +11,10 @@ from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import jaxce
+from torch_ref import F
+from torch_ref import needs_torch
+from torch_ref import torch
 
-try:
-  import torch
-  import torch.nn.functional as F
-except ImportError:  # pragma: no cover - torch is optional
-  torch = None
-
-needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
 SETTINGS = hypothesis.settings(max_examples=8, deadline=None, derandomize=True, database=None)
 REDUCTIONS = (("none", "none"), ("mean", "mean"), ("sum", "sum"))
 
@@ -151,8 +147,8 @@ class TestMseLoss(chex.TestCase):
                        r"predictions shape \(2, 2\)"):
       jaxce.mse_loss(jnp.zeros((2, 2)), jnp.zeros((2, 2)), weights=jnp.ones(3))
 
-  @needs_torch
   @parameterized.named_parameters(*REDUCTIONS)
+  @needs_torch
   def test_matches_torch(self, reduction):
     rng = np.random.default_rng(2)
     p, t = (5 * rng.standard_normal((2, 3, 4))).astype(np.float32)

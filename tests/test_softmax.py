@@ -18,14 +18,10 @@ from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import jaxce
+from torch_ref import F
+from torch_ref import needs_torch
+from torch_ref import torch
 
-try:
-  import torch
-  import torch.nn.functional as F
-except ImportError:  # pragma: no cover - torch is optional
-  torch = None
-
-needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
 # Every property test uses this fixed seed (deterministic CI). Those drawing from
 # `problems()` thereby see the same examples and share one compilation of
 # `all_three` per example, which is most of their cost.
@@ -367,8 +363,8 @@ class TestSoftmax(_Shared, chex.TestCase):
     assert np.all(np.isnan(probs[4:]))  # all -inf unmasked, +inf, NaN: no distribution
     assert_close(probs[:2].sum(-1), [1.0, 1.0])
 
-  @needs_torch
   @parameterized.parameters(0, 1, 2)
+  @needs_torch
   def test_matches_torch(self, dim):
     x = np.random.default_rng(1).standard_normal((3, 4, 5)).astype(np.float32) * 5
     expected = F.softmax(torch.from_numpy(x), dim=dim).numpy()
@@ -429,8 +425,8 @@ class TestLogSoftmax(_Shared, chex.TestCase):
     assert np.all(np.isnan(logp[4:]))  # all -inf unmasked, +inf, NaN
     assert np.all(np.isfinite(logp[0]))
 
-  @needs_torch
   @parameterized.parameters(0, 1, 2)
+  @needs_torch
   def test_matches_torch(self, dim):
     x = np.random.default_rng(1).standard_normal((3, 4, 5)).astype(np.float32) * 5
     expected = F.log_softmax(torch.from_numpy(x), dim=dim).numpy()
@@ -500,8 +496,8 @@ class TestLogsumexp(_Shared, chex.TestCase):
     expected = ref_all(x)[LOGSUMEXP]
     assert_close(out, expected, rtol=float(jnp.finfo(jnp.bfloat16).eps) / 2, atol=0)
 
-  @needs_torch
   @parameterized.parameters(0, 1, 2)
+  @needs_torch
   def test_matches_torch(self, dim):
     x = np.random.default_rng(1).standard_normal((3, 4, 5)).astype(np.float32) * 5
     expected = torch.logsumexp(torch.from_numpy(x), dim=dim).numpy()
