@@ -1,0 +1,379 @@
+"""The numerics every softmax-family function shares: row statistics, labels, the logits gradient.
+
+Classes are on the last axis of every array here; callers move them there.
+Each function is named after the maths it computes, not after its caller:
+
+* :func:`row_stats` -- the masked max shift and the sum of exponentials
+  (``lse = shift + log total``), used by softmax/log_softmax/logsumexp, the
+  dense and sparse cross-entropies and, one block of columns at a time with
+  :func:`merge_stats`, the linear cross-entropy;
+* :func:`resolve_labels` -- integer labels against ``C`` classes, an
+  ``ignore_index`` and a mask, exact for every integer dtype;
+* :class:`Target` / :func:`target_loss` -- the integer-label target
+  ``q = a·onehot(y) + (ε/count)·w·possible`` and its loss
+  ``Σ_c q_c (lse − x_c) + z·lse²``;
+* :class:`GradScales` / :func:`grad_scales` / :func:`logits_grad` -- the
+  gradient of that loss with respect to any block of logits columns,
+  ``g·((Q + 2 z lse)·softmax − q)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxce import _common
+
+# ---------------------------------------------------------------------------
+# Row statistics: lse = shift + log(total).
+# ---------------------------------------------------------------------------
+
+
+class RowStats(NamedTuple):
+  """Per-row parts of ``lse = shift + log(total)``, each ``[...]`` in the compute dtype.
+
+  ``shift`` is stopped from gradients (the result does not depend on it). A row
+  with nothing unmasked (or only ``-inf``) has ``shift = 0`` and ``total = 0``.
+  """
+
+  shift: jax.Array
+  total: jax.Array
+
+  @property
+  def has_mass(self) -> jax.Array:
+    return self.total != 0
+
+  @property
+  def log_total(self) -> jax.Array:
+    """``log(total)``, 0 for rows with no mass (so everything derived stays finite)."""
+    return jnp.log(jnp.where(self.has_mass, self.total, 1.0))
+
+  @property
+  def lse(self) -> jax.Array:
+    """``log Σ_c exp(x_c)``; ``-inf`` for rows with no mass."""
+    return jnp.where(self.has_mass, self.shift + self.log_total, -jnp.inf)
+
+  @property
+  def safe_lse(self) -> jax.Array:
+    """``lse`` with 0 for rows with no mass (safe to multiply by a zero coefficient)."""
+    return self.shift + self.log_total
+
+
+def masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """``x`` with masked-out entries set to ``-inf`` (impossible classes)."""
+  return x if mask is None else jnp.where(mask, x, -jnp.inf)
+
+
+def row_max(x: jax.Array, dtype) -> jax.Array:
+  """Stopped row max ``[...]`` of masked logits, in ``dtype``; 0 for rows with no finite max.
+
+  The max is exact in the input dtype; taking it there keeps XLA from
+  materialising a float32 copy of bf16/fp16 logits.
+  """
+  m = lax.stop_gradient(jnp.max(x, axis=-1, initial=-jnp.inf)).astype(dtype)
+  return jnp.where(m == -jnp.inf, 0.0, m)
+
+
+def row_stats(x: jax.Array, shift: jax.Array | None = None) -> tuple[RowStats, jax.Array]:
+  """Returns ``(stats, e)`` with ``e = exp(x − shift)`` in the compute dtype.
+
+  Args:
+    x: masked logits ``[..., C]`` (``-inf`` where impossible), any float dtype.
+    shift: optional per-row shift ``[...]`` (stopped by the caller); the row max
+      by default.
+
+  Returns:
+    The row statistics and the shifted exponentials ``[..., C]`` (under ``jit``
+    an unused ``e`` costs nothing).
+  """
+  dtype = _common.compute_dtype(x.dtype)
+  if shift is None:
+    shift = row_max(x, dtype)
+  e = jnp.exp(x.astype(dtype) - shift[..., None])
+  return RowStats(shift, jnp.sum(e, axis=-1)), e
+
+
+def merge_stats(a: RowStats, b: RowStats) -> RowStats:
+  """Statistics of the union of two column blocks (the online logsumexp step)."""
+  shift = jnp.where(~a.has_mass, b.shift,
+                    jnp.where(~b.has_mass, a.shift, jnp.maximum(a.shift, b.shift)))
+  scale_a = jnp.where(a.has_mass, jnp.exp(a.shift - shift), 0.0)
+  scale_b = jnp.where(b.has_mass, jnp.exp(b.shift - shift), 0.0)
+  return RowStats(shift, a.total * scale_a + b.total * scale_b)
+
+
+def empty_stats(rows, dtype) -> RowStats:
+  """Statistics of no columns at all (the identity of :func:`merge_stats`)."""
+  return RowStats(jnp.zeros(rows, dtype), jnp.zeros(rows, dtype))
+
+
+# ---------------------------------------------------------------------------
+# Integer labels.
+# ---------------------------------------------------------------------------
+
+
+class Labels(NamedTuple):
+  """Integer labels resolved against ``C`` classes, ``[...]`` each.
+
+  Attributes:
+    index: int32 labels clipped into ``[0, C)`` (safe to gather with).
+    keep: rows that count (not ignored, not fully masked).
+    bad: kept rows whose label is invalid (out of range, or a masked-out class).
+  """
+
+  index: jax.Array
+  keep: jax.Array
+  bad: jax.Array
+
+  @property
+  def live(self) -> jax.Array:
+    """Rows whose loss is a number: kept and valid."""
+    return self.keep & ~self.bad
+
+
+def _in_dtype_range(value: int, dtype) -> bool:
+  info = jnp.iinfo(dtype)
+  return int(info.min) <= value <= int(info.max)
+
+
+def label_masks(labels: jax.Array, num_classes: int, ignore_index: int | None):
+  """``(in_range, ignored)`` boolean masks, exact for every integer dtype.
+
+  Comparisons happen in the labels' own dtype against bounds that fit it, so a
+  negative ``ignore_index`` never wraps onto a class of an unsigned or narrow
+  dtype, and a class count beyond the dtype's range never overflows.
+  """
+  in_range = jnp.ones(labels.shape, bool)
+  if jnp.iinfo(labels.dtype).min < 0:
+    in_range = labels >= 0
+  if _in_dtype_range(num_classes, labels.dtype):
+    in_range = in_range & (labels < jnp.asarray(num_classes, labels.dtype))
+  if ignore_index is None or not _in_dtype_range(ignore_index, labels.dtype):
+    ignored = jnp.zeros(labels.shape, bool)
+  else:
+    ignored = labels == jnp.asarray(ignore_index, labels.dtype)
+  return in_range, ignored
+
+
+def resolve_labels(
+    labels: jax.Array,
+    num_classes: int,
+    ignore_index: int | None,
+    mask: jax.Array | None = None,
+) -> Labels:
+  """Resolves integer labels ``[...]`` against logits' ``[..., C]`` mask (traceable).
+
+  Concrete bad labels are rejected before this by :func:`check_labels`; here
+  they become ``bad`` rows (NaN loss) and a ``checkify`` check.
+  """
+  in_range, ignored = label_masks(labels, num_classes, ignore_index)
+  index = jnp.where(in_range, labels, 0).astype(jnp.int32)
+  keep = ~ignored
+  valid = in_range
+  if mask is not None:
+    keep = keep & jnp.any(mask, axis=-1)
+    valid = valid & jnp.take_along_axis(mask, index[..., None], axis=-1)[..., 0]
+  return Labels(index, keep, keep & ~valid)
+
+
+def label_error(num_classes: int, ignore_index: int | None, masked_classes: bool, fn: str) -> str:
+  allowed = "" if ignore_index is None else f" or equal ignore_index ({ignore_index})"
+  detail = ", and be a class that `where` keeps" if masked_classes else ""
+  return f"{fn}: labels must be in [0, {num_classes}){allowed}{detail}"
+
+
+def check_labels(
+    labels,
+    num_classes: int,
+    ignore_index: int | None,
+    mask,
+    fn: str,
+) -> None:
+  """Raises ``ValueError`` on concrete bad labels (NumPy, exact for int64 too).
+
+  Args:
+    labels: concrete integer labels ``[...]`` as NumPy (any integer dtype, before
+      any conversion that could truncate them).
+    num_classes: ``C``.
+    ignore_index: the ignored label value, or None.
+    mask: concrete boolean ``[..., C]`` NumPy mask (classes last), or None.
+    fn: the public function's name.
+  """
+  labels = np.asarray(labels)
+  wide = labels.astype(np.int64) if labels.dtype != np.uint64 else labels
+  in_range = (wide >= 0) & (wide < num_classes)
+  keep = np.ones(labels.shape, bool) if ignore_index is None else wide != ignore_index
+  valid = in_range
+  if mask is not None:
+    mask = np.asarray(mask)
+    keep = keep & mask.any(axis=-1)
+    at_label = np.take_along_axis(mask, np.where(in_range, wide, 0)[..., None].astype(np.int64),
+                                  axis=-1)[..., 0]
+    valid = valid & at_label
+  bad = keep & ~valid
+  if bad.any():
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f"{label_error(num_classes, ignore_index, mask is not None, fn)}; got {labels[index]} at "
+        f"index {index} ({int(bad.sum())} bad label(s))."
+    )
+
+
+def debug_check_labels(bad, num_classes, ignore_index, masked_classes, fn) -> None:
+  """Under tracing: a ``checkify`` check that :func:`jaxce.checked` turns into an error."""
+  message = label_error(num_classes, ignore_index, masked_classes, fn)
+  _common.debug_check(~jnp.any(bad), message + "; got {} bad label(s).", jnp.sum(bad))
+
+
+# ---------------------------------------------------------------------------
+# The integer-label target, its loss and its logits gradient.
+# ---------------------------------------------------------------------------
+
+
+class Target(NamedTuple):
+  """Per-row target ``q_c = on_label·[c = y] + smooth·w_c·[c possible] / count``, plus z-loss.
+
+  Every field is ``[...]`` (0 for rows that do not count) or None when its
+  term is statically absent, so a default option never computes
+  ``0 · (something that overflows)``.
+  """
+
+  on_label: jax.Array
+  smooth: jax.Array | None
+  z: jax.Array | None
+
+
+class SmoothStats(NamedTuple):
+  """Per-row sums the smoothing term needs, ``[...]`` each.
+
+  ``count`` possible classes (unmasked, logit ``> -inf``), ``wsum = Σ w_c`` over
+  them, and ``wdot = Σ w_c (x_c − shift)`` over them.
+  """
+
+  count: jax.Array
+  wsum: jax.Array
+  wdot: jax.Array
+
+
+def smooth_stats(xm: jax.Array, shift: jax.Array, weights: jax.Array | None) -> SmoothStats:
+  """:class:`SmoothStats` of masked float logits ``xm [..., C]`` (classes last)."""
+  possible = xm > -jnp.inf
+  w = possible.astype(xm.dtype) if weights is None else jnp.where(possible, weights, 0.0)
+  return SmoothStats(
+      jnp.sum(possible, axis=-1).astype(xm.dtype),
+      jnp.sum(w, axis=-1),
+      jnp.sum(jnp.where(possible, w * (xm - shift[..., None]), 0.0), axis=-1),
+  )
+
+
+def merge_smooth(a: SmoothStats, b: SmoothStats, shift_a, shift_b, shift) -> SmoothStats:
+  """:class:`SmoothStats` of two column blocks, re-based onto a common ``shift``."""
+  return SmoothStats(a.count + b.count, a.wsum + b.wsum,
+                     a.wdot + a.wsum * (shift_a - shift) + b.wdot + b.wsum * (shift_b - shift))
+
+
+def target_loss(target: Target, stats: RowStats, nll: jax.Array,
+                smooth: SmoothStats | None) -> jax.Array:
+  """``Σ_c q_c (lse − x_c) + z·lse²`` per row.
+
+  Args:
+    target: the row coefficients.
+    stats: row statistics (``lse = shift + log total``).
+    nll: ``lse − x_y`` per row (0 where ``on_label`` is 0).
+    smooth: the smoothing sums (needed when ``target.smooth`` is set).
+
+  Returns:
+    ``[...]`` losses.
+  """
+  loss = target.on_label * nll
+  if target.smooth is not None:
+    loss = loss + target.smooth * smooth_term(stats, smooth)
+  if target.z is not None:
+    loss = loss + target.z * stats.safe_lse**2
+  return loss
+
+
+def smooth_term(stats: RowStats, smooth: SmoothStats) -> jax.Array:
+  """``mean_c w_c (lse − x_c)`` over the possible classes (``-log p`` averaged)."""
+  return _common.safe_divide(smooth.wsum * stats.log_total - smooth.wdot, smooth.count)
+
+
+class GradScales(NamedTuple):
+  """Per-row factors of ``g·∂ℓ/∂x_c = softmax_c·probs − per_class·w_c·[possible] − at_label·[c=y]``.
+
+  ``probs`` multiplies ``exp(x − shift)`` (it already holds ``1/total``);
+  ``per_class`` is None without smoothing.
+  """
+
+  probs: jax.Array
+  per_class: jax.Array | None
+  at_label: jax.Array
+
+
+def grad_scales(target: Target, stats: RowStats, smooth: SmoothStats | None,
+                g: jax.Array) -> GradScales:
+  """:class:`GradScales` for cotangent ``g [...]``: ``(Q + 2 z lse)·g/total`` and the rest."""
+  coef = target.on_label
+  per_class = None
+  if target.smooth is not None:
+    per_class = _common.safe_divide(g * target.smooth, smooth.count)
+    coef = coef + _common.safe_divide(target.smooth * smooth.wsum, smooth.count)
+  if target.z is not None:
+    coef = coef + 2.0 * target.z * stats.safe_lse
+  return GradScales(_common.safe_divide(g * coef, stats.total), per_class, g * target.on_label)
+
+
+def logits_grad(
+    e: jax.Array,
+    scales: GradScales,
+    labels: jax.Array | None = None,
+    *,
+    dense: jax.Array | None = None,
+    possible: jax.Array | None = None,
+    weights: jax.Array | None = None,
+    start: int | jax.Array | None = None,
+) -> jax.Array:
+  """Gradient of the target loss w.r.t. a block of logits columns ``[R, size]``.
+
+  ``e·probs − per_class·w·possible − at_label·onehot(labels) − dense``, each
+  term only when given.
+
+  Args:
+    e: ``exp(x − shift)`` of the block, ``[R, size]``, in the compute dtype.
+    scales: the row factors from :func:`grad_scales` (``at_label`` may be None
+      for dense targets).
+    labels: int ``[R]`` label of each row, or None.
+    dense: an explicit ``[R, size]`` term to subtract (``g·q`` for probability
+      labels), or None.
+    possible: boolean ``[R, size]``, the possible classes of the block (needed
+      with smoothing).
+    weights: the block's class weights ``(size,)`` or None.
+    start: the block's first column when the block is part of the row: labels
+      outside it get no label term. None when the block is the whole row (every
+      label is a column of it).
+
+  Returns:
+    ``[R, size]`` in ``e``'s dtype; the label term is a scatter, not a one-hot pass.
+  """
+  gx = e * scales.probs[:, None]
+  if scales.per_class is not None:
+    w = 1.0 if weights is None else weights[None, :]
+    gx = gx - jnp.where(possible, scales.per_class[:, None] * w, 0.0)
+  if dense is not None:
+    gx = gx - dense
+  if labels is None:
+    return gx
+  rows = jnp.arange(e.shape[0])
+  values = -scales.at_label.astype(gx.dtype)
+  if start is None:
+    return gx.at[rows, labels].add(values, mode="promise_in_bounds", unique_indices=True,
+                                   indices_are_sorted=True)
+  size = e.shape[1]
+  local = labels - start
+  local = jnp.where((local >= 0) & (local < size), local, size)  # size: out of bounds, dropped
+  return gx.at[rows, local].add(values, mode="drop", unique_indices=True,
+                                indices_are_sorted=True)
