@@ -2,58 +2,42 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxce import _common
+from jaxce import _core
 from jaxce import _fused
 
 
-class _Labels:
-  """Integer labels resolved against ``C`` classes, an ignore index and a mask.
-
-  Attributes:
-    safe: labels clipped into ``[0, C)`` (safe to gather with).
-    keep: rows that contribute to the loss (not ignored, not fully masked).
-    bad: rows with an invalid label (out of range, or hidden by ``where``).
-  """
-
-  def __init__(self, labels, num_classes, ignore_index, mask, fn):
-    in_range = (labels >= 0) & (labels < num_classes)
-    self.safe = jnp.where(in_range, labels, 0)
-    ignored = jnp.zeros(labels.shape, bool) if ignore_index is None else labels == ignore_index
-    active = jnp.ones(labels.shape, bool) if mask is None else jnp.any(mask, axis=-1)
-    valid = in_range
-    if mask is not None:
-      valid = valid & jnp.take_along_axis(mask, self.safe[..., None], axis=-1)[..., 0]
-    self.keep = active & ~ignored
-    self.bad = self.keep & ~valid
-    detail = "" if mask is None else ", and be a class that `where` keeps"
-    _common.check_label_values(self.bad, labels, num_classes, fn, detail, ignore_index)
-
-
-def _prepare(logits, axis, where, fn, name="logits"):
-  """Validates logits; returns (x with classes last in its own dtype, mask, axis)."""
-  logits = _common.as_array(logits, name, fn)
-  _common.check_floating(logits, name, fn)
-  axis = _common.canonical_axis(axis, logits.ndim, name, fn)
-  mask = _common.mask_array(where, logits.shape, name, fn)
-  if logits.shape[axis] == 0:
-    raise ValueError(f"{fn}: {name} has no classes (axis {axis} of shape {logits.shape} is 0).")
-  x = jnp.moveaxis(logits, axis, -1)
-  mask = None if mask is None else jnp.moveaxis(mask, axis, -1)
+def _logits(logits, axis, where, fn, name="logits"):
+  """Validates logits, the class axis and the mask; returns ``(x, mask, axis)`` as laid out."""
+  x = _common.as_array(logits, name, fn)
+  _common.check_floating(x, name, fn)
+  axis = _common.canonical_axis(axis, x.ndim, name, fn)
+  mask = _common.mask_array(where, x.shape, name, fn)
+  if x.shape[axis] == 0:
+    raise ValueError(f"{fn}: {name} has no classes (axis {axis} of shape {x.shape} is 0).")
   return x, mask, axis
 
 
-def _is_zero(value) -> bool:
-  """True for a static zero (lets the kernels skip a term entirely)."""
-  return isinstance(value, (int, float)) and value == 0
+def _int_labels(labels, x, axis, ignore_index, mask, fn, name="logits"):
+  """Validates integer labels against ``x``; checks their values when they are concrete."""
+  labels, concrete = _common.int_labels(labels, fn)
+  batch = x.shape[:axis] + x.shape[axis + 1:]
+  _common.check_shape(labels, batch, "labels", f"{name} without the class axis", fn)
+  if concrete is not None and (mask is None or _common.is_concrete(mask)):
+    classes_last = None if mask is None else np.moveaxis(np.asarray(mask), axis, -1)
+    _core.check_labels(concrete, x.shape[axis], ignore_index, classes_last, fn)
+  return labels
 
 
-def _check_z_loss(z_loss, fn):
-  if _common.is_concrete(z_loss) and not float(z_loss) >= 0:
-    raise ValueError(f"{fn}: z_loss must be a non-negative scalar; got {z_loss!r}.")
+def _classes_last(x, axis):
+  return None if x is None else jnp.moveaxis(x, axis, -1)
 
 
 def sparse_cross_entropy(
@@ -61,7 +45,7 @@ def sparse_cross_entropy(
     labels: ArrayLike,
     *,
     axis: int = -1,
-    weights: ArrayLike | None = None,
+    class_weights: ArrayLike | None = None,
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     where: ArrayLike | None = None,
@@ -109,7 +93,7 @@ def sparse_cross_entropy(
     logits: unnormalised scores ``[..., C, ...]`` with classes on ``axis``.
     labels: integer class indices of ``logits.shape`` without ``axis``.
     axis: the class axis (PyTorch's ``(N, C, d1..dk)`` layout is ``axis=1``).
-    weights: optional per-class weights ``(C,)`` (PyTorch ``weight``).
+    class_weights: optional per-class weights ``(C,)`` (PyTorch ``weight``).
     ignore_index: optional label value whose examples are skipped (PyTorch's
       default is ``-100``).
     label_smoothing: :math:`\varepsilon \in [0, 1]`; the target becomes
@@ -133,25 +117,39 @@ def sparse_cross_entropy(
     ``torch.nn.functional.cross_entropy`` (class indices);
     ``tf.nn.sparse_softmax_cross_entropy_with_logits``.
   """
-  fn = "jaxce.sparse_cross_entropy"
-  _common.check_reduction(reduction, fn)
-  _common.check_smoothing(label_smoothing, fn)
-  _check_z_loss(z_loss, fn)
-  x, mask, axis = _prepare(logits, axis, where, fn)
-  labels = _common.as_array(labels, "labels", fn)
-  _common.check_int_labels(labels, fn)
-  _common.check_shape(labels, x.shape[:-1], "labels", "logits without the class axis", fn)
-  w = _common.class_weights(weights, x.shape[-1], fn)
-  lab = _Labels(labels, x.shape[-1], ignore_index, mask, fn)
+  fn = _SPARSE
+  reduction = _common.check_reduction(reduction, fn)
+  ignore_index = _common.check_ignore_index(ignore_index, fn)
+  smoothing = _common.scalar_option(label_smoothing, "label_smoothing", fn, upper=1.0)
+  z = _common.scalar_option(z_loss, "z_loss", fn)
+  x, mask, axis = _logits(logits, axis, where, fn)
+  w = _common.class_weights(class_weights, x.shape[axis], fn)
+  labels = _int_labels(labels, x, axis, ignore_index, mask, fn)
+  return _sparse(x, labels, mask, w, smoothing, z, axis=axis, ignore_index=ignore_index,
+                 reduction=reduction)
 
+
+_SPARSE = "jaxce.sparse_cross_entropy"
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "reduction"))
+def _sparse(x, labels, mask, w, smoothing, z, *, axis, ignore_index, reduction):
+  """The numeric core of :func:`sparse_cross_entropy`, compiled once per static configuration."""
+  x, mask = _classes_last(x, axis), _classes_last(mask, axis)
+  lab = _core.resolve_labels(labels, x.shape[-1], ignore_index, mask)
+  _core.debug_check_labels(lab.bad, x.shape[-1], ignore_index, mask is not None, _SPARSE)
+  smoothing, z = _common.option_or_nan(smoothing, 1.0), _common.option_or_nan(z)
   dtype = _common.compute_dtype(x.dtype)
   keep = lab.keep.astype(dtype)
-  w_y = keep if w is None else w.astype(dtype)[lab.safe] * keep
-  eps = None if _is_zero(label_smoothing) else label_smoothing * keep
-  loss = _fused.sparse_rows(x, mask, lab.safe, lab.keep & ~lab.bad,
-                            (1.0 - label_smoothing) * w_y, eps, w, z_loss * keep)
-  loss = jnp.where(lab.bad, jnp.nan, jnp.where(lab.keep, loss, 0.0))
-  return _common.reduce_loss(loss, reduction, jnp.sum(w_y))
+  w_y = keep if w is None else w.astype(dtype)[lab.index] * keep
+  on_label = w_y if smoothing is None else (1.0 - smoothing) * w_y
+  target = _core.Target(
+      jnp.where(lab.bad, jnp.nan, on_label),  # a bad label's loss and gradient are NaN
+      None if smoothing is None else smoothing * keep,
+      None if z is None else z * keep,
+  )
+  loss = _fused.sparse_rows(x, mask, lab.index, lab.live, target, w)
+  return _common.reduce_loss(loss, reduction, w_y)
 
 
 def dense_cross_entropy(
@@ -159,7 +157,7 @@ def dense_cross_entropy(
     labels: ArrayLike,
     *,
     axis: int = -1,
-    weights: ArrayLike | None = None,
+    class_weights: ArrayLike | None = None,
     label_smoothing: float = 0.0,
     where: ArrayLike | None = None,
     reduction: str = "none",
@@ -190,7 +188,7 @@ def dense_cross_entropy(
     logits: unnormalised scores ``[..., C, ...]`` with classes on ``axis``.
     labels: floating target probabilities of ``logits.shape``.
     axis: the class axis.
-    weights: optional per-class weights ``(C,)``.
+    class_weights: optional per-class weights ``(C,)``.
     label_smoothing: :math:`\varepsilon \in [0, 1]`.
     where: optional boolean mask broadcastable to ``logits.shape``.
     reduction: ``"none"``, ``"mean"`` or ``"sum"``.
@@ -213,34 +211,41 @@ def dense_cross_entropy(
     ``torch.nn.functional.cross_entropy`` (class probabilities).
   """
   fn = "jaxce.dense_cross_entropy"
-  _common.check_reduction(reduction, fn)
-  _common.check_smoothing(label_smoothing, fn)
-  _check_z_loss(z_loss, fn)
-  x, mask, axis = _prepare(logits, axis, where, fn)
+  reduction = _common.check_reduction(reduction, fn)
+  smoothing = _common.scalar_option(label_smoothing, "label_smoothing", fn, upper=1.0)
+  z = _common.scalar_option(z_loss, "z_loss", fn)
+  x, mask, axis = _logits(logits, axis, where, fn)
   labels = _common.as_array(labels, "labels", fn)
   if not jnp.issubdtype(labels.dtype, jnp.floating):
     raise TypeError(
-        f"{fn}: labels must be floating-point probabilities, got dtype {labels.dtype}. "
+        f"{fn}: labels must be real floating-point probabilities, got dtype {labels.dtype}. "
         "For integer class indices use jaxce.sparse_cross_entropy."
     )
-  _common.check_shape(labels, jnp.shape(logits), "labels", "logits", fn)
-  w = _common.class_weights(weights, x.shape[-1], fn)
+  _common.check_shape(labels, x.shape, "labels", "logits", fn)
+  w = _common.class_weights(class_weights, x.shape[axis], fn)
+  return _dense(x, labels, mask, w, smoothing, z, axis=axis, reduction=reduction)
 
+
+@functools.partial(jax.jit, static_argnames=("axis", "reduction"))
+def _dense(x, labels, mask, w, smoothing, z, *, axis, reduction):
+  """The numeric core of :func:`dense_cross_entropy`, compiled once per static configuration."""
+  x, mask = _classes_last(x, axis), _classes_last(mask, axis)
+  smoothing, z = _common.option_or_nan(smoothing, 1.0), _common.option_or_nan(z)
   dtype = _common.compute_dtype(x.dtype)
-  target = jnp.moveaxis(labels, axis, -1).astype(dtype)
-  if not _is_zero(label_smoothing):
-    possible = x > -jnp.inf if mask is None else mask & (x > -jnp.inf)
+  target = _classes_last(labels, axis).astype(dtype)
+  if smoothing is not None:
+    possible = _core.masked(x, mask) > -jnp.inf
     count = jnp.sum(possible, axis=-1, keepdims=True).astype(dtype)
     spread = _common.safe_divide(possible.astype(dtype), count)
-    target = (1.0 - label_smoothing) * target + label_smoothing * spread
+    target = (1.0 - smoothing) * target + smoothing * spread
   if w is not None:
     target = target * w.astype(dtype).reshape((1,) * (x.ndim - 1) + w.shape)
   active = jnp.ones(x.shape[:-1], bool) if mask is None else jnp.any(mask, axis=-1)
   if mask is not None:
     target = jnp.where(mask, target, 0.0)
-  loss = _fused.dense_rows(x, mask, target, z_loss * active.astype(dtype))
+  loss = _fused.dense_rows(x, mask, target, None if z is None else z * active.astype(dtype))
   loss = jnp.where(active, loss, 0.0)
-  return _common.reduce_loss(loss, reduction, None if mask is None else jnp.sum(active))
+  return _common.reduce_loss(loss, reduction, None if mask is None else active)
 
 
 def nll_loss(
@@ -248,7 +253,7 @@ def nll_loss(
     labels: ArrayLike,
     *,
     axis: int = -1,
-    weights: ArrayLike | None = None,
+    class_weights: ArrayLike | None = None,
     ignore_index: int | None = None,
     reduction: str = "none",
 ) -> jax.Array:
@@ -267,7 +272,7 @@ def nll_loss(
     log_probs: log-probabilities ``[..., C, ...]`` with classes on ``axis``.
     labels: integer class indices of ``log_probs.shape`` without ``axis``.
     axis: the class axis.
-    weights: optional per-class weights ``(C,)``.
+    class_weights: optional per-class weights ``(C,)``.
     ignore_index: optional label value whose examples are skipped.
     reduction: ``"none"``, ``"mean"`` or ``"sum"``.
 
@@ -284,17 +289,27 @@ def nll_loss(
   References:
     ``torch.nn.functional.nll_loss``.
   """
-  fn = "jaxce.nll_loss"
-  _common.check_reduction(reduction, fn)
-  x, _, axis = _prepare(log_probs, axis, None, fn, "log_probs")
-  labels = _common.as_array(labels, "labels", fn)
-  _common.check_int_labels(labels, fn)
-  _common.check_shape(labels, x.shape[:-1], "labels", "log_probs without the class axis", fn)
-  w = _common.class_weights(weights, x.shape[-1], fn)
-  lab = _Labels(labels, x.shape[-1], ignore_index, None, fn)
+  fn = _NLL
+  reduction = _common.check_reduction(reduction, fn)
+  ignore_index = _common.check_ignore_index(ignore_index, fn)
+  x, _, axis = _logits(log_probs, axis, None, fn, "log_probs")
+  w = _common.class_weights(class_weights, x.shape[axis], fn)
+  labels = _int_labels(labels, x, axis, ignore_index, None, fn, "log_probs")
+  return _nll(x, labels, w, axis=axis, ignore_index=ignore_index, reduction=reduction)
 
-  picked = jnp.take_along_axis(x, lab.safe[..., None], axis=-1)[..., 0]
-  picked = picked.astype(_common.compute_dtype(x.dtype))
-  w_y = jnp.ones_like(picked) if w is None else w.astype(picked.dtype)[lab.safe]
-  loss = jnp.where(lab.bad, jnp.nan, jnp.where(lab.keep, -w_y * picked, 0.0))
-  return _common.reduce_loss(loss, reduction, jnp.sum(jnp.where(lab.keep, w_y, 0.0)))
+
+_NLL = "jaxce.nll_loss"
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "reduction"))
+def _nll(x, labels, w, *, axis, ignore_index, reduction):
+  """The numeric core of :func:`nll_loss`, compiled once per static configuration."""
+  x = _classes_last(x, axis)
+  lab = _core.resolve_labels(labels, x.shape[-1], ignore_index)
+  _core.debug_check_labels(lab.bad, x.shape[-1], ignore_index, False, _NLL)
+  dtype = _common.compute_dtype(x.dtype)
+  picked = jnp.take_along_axis(x, lab.index[..., None], axis=-1)[..., 0].astype(dtype)
+  w_y = lab.keep.astype(dtype) if w is None else w.astype(dtype)[lab.index] * lab.keep
+  coef = jnp.where(lab.bad, jnp.nan, w_y)  # a bad label's loss and gradient are NaN
+  loss = jnp.where(lab.keep, -coef * picked, 0.0)
+  return _common.reduce_loss(loss, reduction, w_y)

@@ -262,7 +262,10 @@ class SmoothStats(NamedTuple):
 def smooth_stats(xm: jax.Array, shift: jax.Array, weights: jax.Array | None) -> SmoothStats:
   """:class:`SmoothStats` of masked float logits ``xm [..., C]`` (classes last)."""
   possible = xm > -jnp.inf
-  w = possible.astype(xm.dtype) if weights is None else jnp.where(possible, weights, 0.0)
+  if weights is None:
+    w = possible.astype(xm.dtype)
+  else:
+    w = jnp.where(possible, weights.reshape((1,) * (xm.ndim - 1) + weights.shape), 0.0)
   return SmoothStats(
       jnp.sum(possible, axis=-1).astype(xm.dtype),
       jnp.sum(w, axis=-1),

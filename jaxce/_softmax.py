@@ -2,40 +2,50 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
 from jaxce import _common
+from jaxce import _core
 
 
 def _prepare(x: ArrayLike, axis: int, where: ArrayLike | None, fn: str):
-  """Validates inputs; returns (x in compute dtype, mask or None, axis, out dtype)."""
+  """Validates inputs; returns (x as a float array, mask or None, axis)."""
   x = _common.as_array(x, "x", fn)
+  _common.check_real(x, "x", fn)
   axis = _common.canonical_axis(axis, x.ndim, "x", fn)
   mask = _common.mask_array(where, x.shape, "x", fn)
-  out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
-  return x.astype(_common.compute_dtype(x.dtype)), mask, axis, out_dtype
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)
+  return x, mask, axis
 
 
-def shifted_sumexp(
-    x: jax.Array, axis: int, mask: jax.Array | None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Returns ``(shifted, sumexp, x_max, has_mass)`` with ``shifted = x - x_max``.
+@functools.partial(jax.jit, static_argnames=("axis", "output"))
+def _normalise(x: jax.Array, mask: jax.Array | None, *, axis: int, output: str) -> jax.Array:
+  """``logsumexp``, ``log_softmax`` or ``softmax`` of ``x`` along ``axis``, via the shared core.
 
-  The max is taken over unmasked entries and stopped from gradients (the result
-  does not depend on it). Rows whose max is ``-inf`` (fully masked, or all
-  ``-inf``) shift by 0, so ``sumexp`` is 0 there and ``has_mass`` is False.
-  ``+inf`` and NaN propagate as NaN (``has_mass`` is True for them).
+  Rows with no mass (fully masked, or only ``-inf``) have no distribution: their
+  ``log_softmax``/``softmax`` entries are NaN, except masked entries, which are
+  set explicitly (``-inf``/0, so a fully masked row gets zero gradients).
   """
+  mask = None if mask is None else jnp.moveaxis(mask, axis, -1)
+  xm = _core.masked(jnp.moveaxis(x, axis, -1), mask)
+  stats, e = _core.row_stats(xm)
+  if output == "logsumexp":
+    return stats.lse.astype(x.dtype)
+  if output == "log_softmax":
+    out = (xm.astype(e.dtype) - stats.shift[..., None]) - stats.log_total[..., None]
+    fill = -jnp.inf
+  else:
+    out = e / jnp.where(stats.has_mass, stats.total, 1.0)[..., None]
+    fill = 0.0
+  out = jnp.where(stats.has_mass[..., None], out, jnp.nan)
   if mask is not None:
-    x = jnp.where(mask, x, -jnp.inf)
-  x_max = jnp.max(x, axis=axis, keepdims=True, initial=-jnp.inf)  # -inf for an empty axis
-  x_max = lax.stop_gradient(jnp.where(x_max == -jnp.inf, 0.0, x_max))
-  shifted = x - x_max
-  sumexp = jnp.sum(jnp.exp(shifted), axis=axis, keepdims=True)
-  return shifted, sumexp, x_max, sumexp != 0
+    out = jnp.where(mask, out, fill)
+  return jnp.moveaxis(out, -1, axis).astype(x.dtype)
 
 
 def logsumexp(x: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
@@ -69,11 +79,8 @@ def logsumexp(x: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None) -
   References:
     ``torch.logsumexp``; ``jax.nn.logsumexp``.
   """
-  x, mask, axis, out_dtype = _prepare(x, axis, where, "jaxce.logsumexp")
-  _, sumexp, x_max, has_mass = shifted_sumexp(x, axis, mask)
-  lse = jnp.log(jnp.where(has_mass, sumexp, 1.0)) + x_max
-  lse = jnp.where(has_mass, lse, -jnp.inf)
-  return jnp.squeeze(lse, axis).astype(out_dtype)
+  x, mask, axis = _prepare(x, axis, where, "jaxce.logsumexp")
+  return _normalise(x, mask, axis=axis, output="logsumexp")
 
 
 def log_softmax(x: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
@@ -105,13 +112,8 @@ def log_softmax(x: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None)
   References:
     ``torch.nn.functional.log_softmax``; ``tf.nn.log_softmax``.
   """
-  x, mask, axis, out_dtype = _prepare(x, axis, where, "jaxce.log_softmax")
-  shifted, sumexp, _, has_mass = shifted_sumexp(x, axis, mask)
-  out = shifted - jnp.log(jnp.where(has_mass, sumexp, 1.0))
-  out = jnp.where(has_mass, out, jnp.nan)  # no distribution; fully masked rows fixed below
-  if mask is not None:
-    out = jnp.where(mask, out, -jnp.inf)
-  return out.astype(out_dtype)
+  x, mask, axis = _prepare(x, axis, where, "jaxce.log_softmax")
+  return _normalise(x, mask, axis=axis, output="log_softmax")
 
 
 def softmax(x: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
@@ -141,10 +143,5 @@ def softmax(x: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None) -> 
   References:
     ``torch.nn.functional.softmax``; ``tf.nn.softmax``.
   """
-  x, mask, axis, out_dtype = _prepare(x, axis, where, "jaxce.softmax")
-  shifted, sumexp, _, has_mass = shifted_sumexp(x, axis, mask)
-  probs = jnp.exp(shifted) / jnp.where(has_mass, sumexp, 1.0)
-  probs = jnp.where(has_mass, probs, jnp.nan)  # no distribution; fully masked rows fixed below
-  if mask is not None:
-    probs = jnp.where(mask, probs, 0.0)
-  return probs.astype(out_dtype)
+  x, mask, axis = _prepare(x, axis, where, "jaxce.softmax")
+  return _normalise(x, mask, axis=axis, output="softmax")

@@ -44,7 +44,7 @@ class TestSparseRows(parameterized.TestCase):
     x, y, w, _ = _problem(0)
 
     def fused(x, w, s):
-      return jaxce.sparse_cross_entropy(x, y, weights=w, label_smoothing=s, z_loss=z,
+      return jaxce.sparse_cross_entropy(x, y, class_weights=w, label_smoothing=s, z_loss=z,
                                         reduction="mean")
 
     ref = jax.grad(lambda x, w: naive_sparse(x, y, w, smoothing, z), argnums=(0, 1))(x, w)
@@ -55,7 +55,7 @@ class TestSparseRows(parameterized.TestCase):
 
   def test_gradient_with_respect_to_label_smoothing(self):
     x, y, w, _ = _problem(1)
-    got = jax.grad(lambda s: jaxce.sparse_cross_entropy(x, y, weights=w, label_smoothing=s,
+    got = jax.grad(lambda s: jaxce.sparse_cross_entropy(x, y, class_weights=w, label_smoothing=s,
                                                         reduction="mean"))(0.3)
     _close(got, jax.grad(lambda s: naive_sparse(x, y, w, s, 0.0))(0.3))
 
@@ -81,13 +81,13 @@ class TestSparseRows(parameterized.TestCase):
     def hvp(loss):
       return jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v))(x)
 
-    fused = lambda x: jaxce.sparse_cross_entropy(x, y, weights=w, label_smoothing=0.1,
+    fused = lambda x: jaxce.sparse_cross_entropy(x, y, class_weights=w, label_smoothing=0.1,
                                                  z_loss=1e-2, reduction="mean")
     _close(hvp(fused), hvp(lambda x: naive_sparse(x, y, w, 0.1, 1e-2)), 1e-4)
 
   def test_hessian_matches_reference(self):
     x, y, w, _ = _problem(6, n=3, c=4)
-    fused = lambda x: jaxce.sparse_cross_entropy(x, y, weights=w, label_smoothing=0.1,
+    fused = lambda x: jaxce.sparse_cross_entropy(x, y, class_weights=w, label_smoothing=0.1,
                                                  reduction="mean")
     _close(jax.hessian(fused)(x), jax.hessian(lambda x: naive_sparse(x, y, w, 0.1, 0.0))(x), 1e-4)
 
@@ -121,7 +121,7 @@ class TestSparseRowsPivot(parameterized.TestCase):
   @parameterized.product(smoothing=[0.0, 0.2], z=[0.0, 1e-3])
   def test_overflowing_rows_match_reference_through_row_max_fallback(self, smoothing, z):
     x, y, w = self._overflowing()
-    fused = lambda x, w: jaxce.sparse_cross_entropy(x, y, weights=w, label_smoothing=smoothing,
+    fused = lambda x, w: jaxce.sparse_cross_entropy(x, y, class_weights=w, label_smoothing=smoothing,
                                                     z_loss=z, reduction="mean")
     naive = lambda x, w: naive_sparse(x, y, w, smoothing, z)
     for f in (fused, jax.jit(fused)):
@@ -145,7 +145,7 @@ class TestSparseRowsPivot(parameterized.TestCase):
   def test_hessian_through_the_fallback_matches_reference(self):
     x, y, w, _ = _problem(12, n=3, c=4)
     x = x.at[0, (int(y[0]) + 1) % 4].set(150.0)
-    fused = lambda x: jaxce.sparse_cross_entropy(x, y, weights=w, reduction="mean")
+    fused = lambda x: jaxce.sparse_cross_entropy(x, y, class_weights=w, reduction="mean")
     _close(jax.hessian(fused)(x), jax.hessian(lambda x: naive_sparse(x, y, w, 0.0, 0.0))(x), 1e-4)
 
   def test_ignored_rows_with_overflowing_logits_give_zero_loss_and_gradient(self):
@@ -170,7 +170,7 @@ class TestSparseRowsPivot(parameterized.TestCase):
 
   def test_bf16_overflowing_rows_fall_back_and_return_bf16_gradients(self):
     x, y, w = self._overflowing()
-    f = lambda x: jaxce.sparse_cross_entropy(x, y, weights=w, reduction="mean")
+    f = lambda x: jaxce.sparse_cross_entropy(x, y, class_weights=w, reduction="mean")
     loss, grad = jax.jit(jax.value_and_grad(f))(x.astype(jnp.bfloat16))
     self.assertEqual(grad.dtype, jnp.bfloat16)
     xr = x.astype(jnp.bfloat16).astype(jnp.float32)
@@ -212,7 +212,7 @@ class TestDenseRows(parameterized.TestCase):
   @parameterized.parameters(0.0, 1e-2)
   def test_gradients_equal_autodiff_of_reference(self, z):
     x, _, w, t = _problem(7)
-    fused = lambda x, t, w: jaxce.dense_cross_entropy(x, t, weights=w, z_loss=z, reduction="mean")
+    fused = lambda x, t, w: jaxce.dense_cross_entropy(x, t, class_weights=w, z_loss=z, reduction="mean")
     ref = jax.grad(lambda x, t, w: naive_dense(x, t, w, z), argnums=(0, 1, 2))(x, t, w)
     got = jax.grad(fused, argnums=(0, 1, 2))(x, t, w)
     _close(fused(x, t, w), naive_dense(x, t, w, z))
@@ -223,10 +223,10 @@ class TestDenseRows(parameterized.TestCase):
     x, _, w, t = _problem(8)
     v = jnp.asarray(np.random.default_rng(9).normal(size=x.shape), jnp.float32)
     hvp = lambda loss: jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v))(x)
-    fused = lambda x: jaxce.dense_cross_entropy(x, t, weights=w, z_loss=1e-2, reduction="mean")
+    fused = lambda x: jaxce.dense_cross_entropy(x, t, class_weights=w, z_loss=1e-2, reduction="mean")
     _close(hvp(fused), hvp(lambda x: naive_dense(x, t, w, 1e-2)), 1e-4)
 
   def test_negative_z_loss_is_rejected(self):
     x, _, _, t = _problem(10)
-    with pytest.raises(ValueError, match="z_loss must be a non-negative scalar; got -1.0"):
+    with pytest.raises(ValueError, match="z_loss must be a finite scalar >= 0; got -1.0"):
       jaxce.dense_cross_entropy(x, t, z_loss=-1.0)
