@@ -132,9 +132,13 @@ def sparse_cross_entropy(
 _SPARSE = "jaxce.sparse_cross_entropy"
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "reduction"))
-def _sparse(x, labels, mask, w, smoothing, z, *, axis, ignore_index, reduction):
-  """The numeric core of :func:`sparse_cross_entropy`, compiled once per static configuration."""
+@functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "reduction", "pivot"))
+def _sparse(x, labels, mask, w, smoothing, z, *, axis, ignore_index, reduction, pivot=True):
+  """The numeric core of :func:`sparse_cross_entropy`, compiled once per static configuration.
+
+  ``pivot=False`` shifts every row by its max instead of its label's logit (the
+  path ``benchmarks/bench_losses.py`` measures the pivot against).
+  """
   x, mask = _classes_last(x, axis), _classes_last(mask, axis)
   lab = _core.resolve_labels(labels, x.shape[-1], ignore_index, mask)
   _core.debug_check_labels(lab.bad, x.shape[-1], ignore_index, mask is not None, _SPARSE)
@@ -144,11 +148,12 @@ def _sparse(x, labels, mask, w, smoothing, z, *, axis, ignore_index, reduction):
   w_y = keep if w is None else w.astype(dtype)[lab.index] * keep
   on_label = w_y if smoothing is None else (1.0 - smoothing) * w_y
   target = _core.Target(
-      jnp.where(lab.bad, jnp.nan, on_label),  # a bad label's loss and gradient are NaN
+      on_label,
       None if smoothing is None else smoothing * keep,
       None if z is None else z * keep,
   )
-  loss = _fused.sparse_rows(x, mask, lab.index, lab.live, target, w)
+  loss = _fused.sparse_rows(x, mask, lab.index, lab.live, target, w, pivot=pivot)
+  loss = _core.nan_where(lab.bad, loss)  # a bad label's loss and gradient are NaN
   return _common.reduce_loss(loss, reduction, w_y)
 
 
@@ -310,6 +315,6 @@ def _nll(x, labels, w, *, axis, ignore_index, reduction):
   dtype = _common.compute_dtype(x.dtype)
   picked = jnp.take_along_axis(x, lab.index[..., None], axis=-1)[..., 0].astype(dtype)
   w_y = lab.keep.astype(dtype) if w is None else w.astype(dtype)[lab.index] * lab.keep
-  coef = jnp.where(lab.bad, jnp.nan, w_y)  # a bad label's loss and gradient are NaN
-  loss = jnp.where(lab.keep, -coef * picked, 0.0)
+  loss = jnp.where(lab.keep, -w_y * picked, 0.0)
+  loss = _core.nan_where(lab.bad, loss)  # a bad label's loss and gradient are NaN
   return _common.reduce_loss(loss, reduction, w_y)

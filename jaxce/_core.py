@@ -180,6 +180,32 @@ def resolve_labels(
   return Labels(index, keep, keep & ~valid)
 
 
+@jax.custom_vjp
+def nan_where(bad: jax.Array, value: jax.Array) -> jax.Array:
+  """``value`` with NaN where ``bad``; the gradient is NaN there too, unless unused.
+
+  A row whose loss is NaN (a bad label under ``jit``) must not hand an
+  optimiser a zero gradient. ``jnp.where(bad, nan, value)`` would (its gradient
+  ignores the NaN branch), and multiplying by NaN would poison rows the caller
+  never uses (``0·NaN``). Here the cotangent becomes NaN exactly where ``bad``
+  and nonzero.
+  """
+  return jnp.where(bad, jnp.nan, value)
+
+
+def _nan_where_fwd(bad, value):
+  # Plain JAX, not a call of ``nan_where`` itself: forward-over-reverse
+  # (``jax.hessian``) differentiates this rule.
+  return jnp.where(bad, jnp.nan, value), bad
+
+
+def _nan_where_bwd(bad, g):
+  return None, jnp.where(bad & (g != 0), jnp.nan, g)
+
+
+nan_where.defvjp(_nan_where_fwd, _nan_where_bwd)
+
+
 def label_error(num_classes: int, ignore_index: int | None, masked_classes: bool, fn: str) -> str:
   allowed = "" if ignore_index is None else f" or equal ignore_index ({ignore_index})"
   detail = ", and be a class that `where` keeps" if masked_classes else ""

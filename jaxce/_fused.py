@@ -64,8 +64,8 @@ def _scales_for(target, stats, smooth, g) -> _core.GradScales:
 
 
 @functools.cache
-def _pivot_exp_fn(keep_exp: bool, dtype: str):
-  """``(e, stats)`` pivoted on each live row's label logit, for static options.
+def _pivot_exp_fn(keep_exp: bool, dtype: str, pivot: bool = True):
+  """``(e, shift, total)`` pivoted on each live row's label logit, for static options.
 
   The pivot is the label's own logit, which costs a gather instead of a max
   pass and gives ``total ≥ 1`` (the label's term is ``exp(0)``). If that
@@ -76,19 +76,22 @@ def _pivot_exp_fn(keep_exp: bool, dtype: str):
 
   ``vmap`` axes are treated as row axes, which keeps ``lax.cond`` a branch under
   ``vmap`` (a batched predicate would turn it into a select that runs both).
+  With ``pivot=False`` every row is shifted by its max (the path the benchmark
+  compares the pivot against).
   """
 
   @jax.custom_batching.custom_vmap
   def pivot_exp(x, labels, live):
-    x_y = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0].astype(dtype)
-    pivot = lax.stop_gradient(jnp.where(live, x_y, jnp.inf))
-    stats, e = _core.row_stats(x, pivot)
-    fast = (e if keep_exp else None, jnp.where(live, pivot, 0.0), jnp.where(live, stats.total, 1.0))
-
     def by_max():
       stats, e = _core.row_stats(x)
       return (e if keep_exp else None, stats.shift, stats.total)
 
+    if not pivot:
+      return by_max()
+    x_y = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0].astype(dtype)
+    shift = lax.stop_gradient(jnp.where(live, x_y, jnp.inf))
+    stats, e = _core.row_stats(x, shift)
+    fast = (e if keep_exp else None, jnp.where(live, shift, 0.0), jnp.where(live, stats.total, 1.0))
     return lax.cond(jnp.any(live & ~jnp.isfinite(fast[2])), by_max, lambda: fast)
 
   @pivot_exp.def_vmap
@@ -133,7 +136,7 @@ class _SparseResiduals(NamedTuple):
   smooth_value: jax.Array | None
 
 
-def sparse_rows(x, mask, labels, live, target: Target, class_weights):
+def sparse_rows(x, mask, labels, live, target: Target, class_weights, *, pivot: bool = True):
   """Per-row loss ``Σ_c q_c (lse − x_c) + z·lse²`` for integer labels.
 
   Args:
@@ -141,10 +144,10 @@ def sparse_rows(x, mask, labels, live, target: Target, class_weights):
     mask: boolean ``[..., C]`` or None.
     labels: int32 ``[...]`` in ``[0, C)``.
     live: bool ``[...]``, the rows whose loss is used; the others' per-row terms
-      are 0 whatever their logits (their target coefficients must be 0, or NaN
-      for a row whose loss is NaN).
+      are 0 whatever their logits.
     target: per-row coefficients ``[...]`` (None fields: absent terms).
     class_weights: ``(C,)`` or None (enters the smoothing term).
+    pivot: shift rows by the label's logit (the fast path) rather than the max.
 
   Returns:
     ``[...]`` losses in the compute dtype.
@@ -157,23 +160,23 @@ def sparse_rows(x, mask, labels, live, target: Target, class_weights):
     return None if v is None else v.reshape((math.prod(rows), *v.shape[len(rows):]))
 
   target = Target(*map(flat, target))
-  return _sparse_rows(flat(x), flat(mask), flat(labels), flat(live), target,
-                      class_weights).reshape(rows)
+  return _sparse_rows(flat(x), flat(mask), flat(labels), flat(live), target, class_weights,
+                      pivot).reshape(rows)
 
 
-@jax.custom_vjp
-def _sparse_rows(x, mask, labels, live, target, class_weights):
-  return _sparse_fwd(x, mask, labels, live, target, class_weights)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _sparse_rows(x, mask, labels, live, target, class_weights, pivot):
+  return _sparse_fwd(x, mask, labels, live, target, class_weights, pivot)[0]
 
 
-def _sparse_fwd(x, mask, labels, live, target, class_weights):
+def _sparse_fwd(x, mask, labels, live, target, class_weights, pivot):
   dtype = _common.compute_dtype(x.dtype)
   xin = _core.masked(x, mask)
   # 32/64-bit logits: keep exp(x − p) for the backward (under jit it is written
   # straight into the gradient's buffer, so exp runs once). 16-bit logits: keep
   # only the logits and recompute, rather than hold a float32 copy.
   keep_exp = jnp.dtype(x.dtype).itemsize >= 4
-  e, shift, total = _pivot_exp_fn(keep_exp, jnp.dtype(dtype).name)(xin, labels, live)
+  e, shift, total = _pivot_exp_fn(keep_exp, jnp.dtype(dtype).name, pivot)(xin, labels, live)
   stats = RowStats(shift, total)
   x_y = jnp.take_along_axis(xin, labels[..., None], axis=-1)[..., 0].astype(dtype)
   nll = jnp.where(live, (shift - x_y) + stats.log_total, 0.0)  # shift − x_y is 0 on the fast path
@@ -195,7 +198,7 @@ def _sparse_fwd(x, mask, labels, live, target, class_weights):
   return loss, residuals
 
 
-def _sparse_bwd(res: _SparseResiduals, g):
+def _sparse_bwd(pivot, res: _SparseResiduals, g):
   dtype = res.stats.total.dtype
   xm = None if res.x is None else _core.masked(res.x, res.mask).astype(dtype)
   e = res.e

@@ -13,6 +13,7 @@ from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import jaxce
+
 from torch_ref import F
 from torch_ref import needs_torch
 from torch_ref import torch
@@ -93,8 +94,27 @@ def ref_nll(lp, y, *, axis=-1, weights=None, ignore_index=None, reduction="none"
   return _reduce(loss, reduction, np.where(keep, w[safe], 0).sum())
 
 
+def _problem_2d(seed, n=4, c=5):
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=(n, c)).astype(np.float32), rng.integers(0, c, size=n)
+
+
 def _close(actual, expected, rtol=2e-5, atol=2e-5):
   np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+
+
+INT_DTYPES = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32)
+
+
+def _huge_problem(scale, dtype=np.float32):
+  """Rows whose logits are ±``scale`` apart (PyTorch gives the exact finite loss)."""
+  x = np.array([[scale, -scale, 0.0, 1.0], [-scale, scale, 3.0, -2.0],
+                [0.5, -0.5, scale, -scale]], dtype)
+  return x, np.array([1, 0, 2])
+
+
+def _close_rel(actual, expected, rtol):
+  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=0)
 
 
 @st.composite
@@ -184,8 +204,10 @@ class TestSparseCrossEntropy(parameterized.TestCase):
     keep = np.array([True, False, True, True, False, True])
     w = rng.uniform(0.5, 2.0, size=6).astype(np.float32)
     opts = dict(label_smoothing=0.2, reduction="mean")
-    masked = jaxce.sparse_cross_entropy(x, np.array([0, 2, 3, 5]), where=keep, class_weights=w, **opts)
-    sliced = jaxce.sparse_cross_entropy(x[:, keep], np.array([0, 1, 2, 3]), class_weights=w[keep], **opts)
+    masked = jaxce.sparse_cross_entropy(x, np.array([0, 2, 3, 5]), where=keep, class_weights=w,
+                                        **opts)
+    sliced = jaxce.sparse_cross_entropy(x[:, keep], np.array([0, 1, 2, 3]),
+                                        class_weights=w[keep], **opts)
     chex.assert_trees_all_close(masked, sliced, rtol=1e-6)
 
   def test_masking_rows_equals_slicing_rows(self):
@@ -195,7 +217,8 @@ class TestSparseCrossEntropy(parameterized.TestCase):
     rows = np.array([True, False, True, True, False])
     w = rng.uniform(0.5, 2.0, size=4).astype(np.float32)
     for reduction in ["mean", "sum"]:
-      masked = jaxce.sparse_cross_entropy(x, y, where=rows[:, None], class_weights=w, reduction=reduction)
+      masked = jaxce.sparse_cross_entropy(x, y, where=rows[:, None], class_weights=w,
+                                          reduction=reduction)
       sliced = jaxce.sparse_cross_entropy(x[rows], y[rows], class_weights=w, reduction=reduction)
       chex.assert_trees_all_close(masked, sliced, rtol=1e-6)
     per_example = jaxce.sparse_cross_entropy(x, y, where=rows[:, None])
@@ -218,7 +241,8 @@ class TestSparseCrossEntropy(parameterized.TestCase):
 
     def loss(x):
       return jaxce.sparse_cross_entropy(x, y, ignore_index=-100, reduction="mean",
-                                        class_weights=jnp.array([1.0, 2.0, 3.0]), label_smoothing=0.1)
+                                        class_weights=jnp.array([1.0, 2.0, 3.0]),
+                                        label_smoothing=0.1)
 
     value, grad = jax.jit(jax.value_and_grad(loss))(x)
     self.assertEqual(float(value), 0.0)
@@ -353,6 +377,167 @@ class TestSparseCrossEntropy(parameterized.TestCase):
       jax.jit(jaxce.sparse_cross_entropy)(jnp.zeros((4, 3)), jnp.zeros((5,), jnp.int32))
 
 
+  @parameterized.product(smoothing=[0.0, 0.1], weighted=[False, True])
+  def test_huge_finite_logits_give_the_exact_loss_and_gradient(self, smoothing, weighted):
+    x, y = _huge_problem(1e20)
+    w = np.array([1.0, 2.0, 0.5, 1.5], np.float32) if weighted else None
+    opts = dict(class_weights=w, label_smoothing=smoothing)
+    expected = ref_sparse(x, y, weights=w, ls=smoothing)
+    self.assertTrue(np.all(np.isfinite(expected)))
+    _close_rel(jaxce.sparse_cross_entropy(x, y, **opts), expected, 1e-6)
+    _close_rel(jax.jit(lambda x: jaxce.sparse_cross_entropy(x, y, **opts))(x), expected, 1e-6)
+    grad = jax.grad(lambda x: jaxce.sparse_cross_entropy(x, y, **opts).sum())(jnp.asarray(x))
+    # The softmax is one-hot at each row's max; the gradient is exact.
+    wy = np.ones(3) if w is None else w[y]
+    onehot_max = np.eye(4)[np.argmax(x, axis=1)]
+    wc = np.ones(4) if w is None else w
+    q = (1 - smoothing) * wy[:, None] * np.eye(4)[y] + smoothing * wc[None, :] / 4
+    expected_grad = q.sum(1, keepdims=True) * onehot_max - q
+    _close(grad, expected_grad, 1e-6, 1e-6)
+
+  def test_huge_finite_float64_logits_give_the_exact_loss(self):
+    with jax.enable_x64(True):
+      x, y = _huge_problem(1e200, np.float64)
+      got = jaxce.sparse_cross_entropy(x, y, label_smoothing=0.1)
+      self.assertEqual(got.dtype, jnp.float64)
+      _close_rel(got, ref_sparse(x, y, ls=0.1), 1e-12)
+
+  @parameterized.parameters(*INT_DTYPES)
+  def test_every_integer_label_dtype_means_the_same_classes(self, dtype):
+    x, y = _problem_2d(3)
+    y = np.array([1, 0, 2, 4], dtype)
+    expected = ref_sparse(x, y.astype(np.int64))
+    _close(jaxce.sparse_cross_entropy(x, y, ignore_index=-100), expected)
+    jitted = jax.jit(functools.partial(jaxce.sparse_cross_entropy, ignore_index=-100))
+    _close(jitted(x, jnp.asarray(y)), expected)
+
+  @parameterized.parameters(np.uint8, np.uint16, np.int8)
+  def test_negative_ignore_index_never_wraps_onto_a_class(self, dtype):
+    # -100 is 156 as uint8 and 65436 as uint16: neither may be taken as ignored,
+    # and with C = 200 (beyond int8) nothing may overflow.
+    c = 200
+    x = np.zeros((2, c), np.float32)
+    y = np.array([156 % 128 if dtype == np.int8 else 156, 1]).astype(dtype)
+    loss = jax.jit(functools.partial(jaxce.sparse_cross_entropy, ignore_index=-100))(x, y)
+    _close(loss, [np.log(c), np.log(c)])
+    y_big = np.array([65436, 1]).astype(np.uint16)
+    with pytest.raises(ValueError, match=r"got 65436 at index \(0,\)"):
+      jaxce.sparse_cross_entropy(x, y_big, ignore_index=-100)
+    self.assertTrue(np.isnan(jax.jit(functools.partial(
+        jaxce.sparse_cross_entropy, ignore_index=-100))(x, jnp.asarray(y_big))[0]))
+
+  def test_64_bit_labels_are_never_truncated_into_another_class(self):
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\); got 4294967297 at index"):
+      jaxce.sparse_cross_entropy(x, np.array([2**32 + 1, 0], np.int64))
+    with pytest.raises(ValueError, match=r"got 4294967296 at index"):
+      jaxce.nll_loss(x, np.array([0, 2**32], np.int64))
+
+  @parameterized.parameters("sparse", "nll")
+  def test_bad_label_under_jit_gives_nan_loss_and_nan_gradient(self, which):
+    x = jnp.asarray(_problem_2d(4)[0])
+    y = jnp.array([0, 9, 1, 2])
+    fn = jaxce.sparse_cross_entropy if which == "sparse" else jaxce.nll_loss
+    loss = jax.jit(lambda x, y: fn(x, y))
+    grad = jax.jit(jax.grad(lambda x, y: fn(x, y).sum()))(x, y)
+    self.assertTrue(np.isnan(loss(x, y)[1]))
+    self.assertTrue(np.any(np.isnan(grad[1])))
+    self.assertTrue(np.all(np.isfinite(np.delete(np.asarray(grad), 1, axis=0))))
+    # Rows the caller leaves out of its objective keep a clean zero gradient.
+    clean = jax.jit(jax.grad(lambda x, y: fn(x, y)[0]))(x, y)
+    _close(clean[1:], np.zeros((3, 5)))
+
+  def test_gradients_reach_smoothing_z_loss_and_class_weights(self):
+    x, y = _problem_2d(5)
+    w = jnp.array([1.0, 2.0, 0.5, 1.5, 1.0])
+
+    def ours(ls, z, w):
+      return jaxce.sparse_cross_entropy(x, y, class_weights=w, label_smoothing=ls, z_loss=z,
+                                        reduction="mean")
+
+    def naive(ls, z, w):
+      logp = jax.nn.log_softmax(x)
+      lse = jax.nn.logsumexp(x, axis=-1)
+      wy = w[y]
+      per = ((1 - ls) * wy * -logp[jnp.arange(4), y] + ls * jnp.mean(w[None, :] * -logp, axis=-1)
+             + z * lse**2)
+      return per.sum() / wy.sum()
+
+    got = jax.grad(ours, argnums=(0, 1, 2))(0.2, 0.01, w)
+    want = jax.grad(naive, argnums=(0, 1, 2))(0.2, 0.01, w)
+    for a, b in zip(got, want, strict=True):
+      _close(a, b, 1e-5, 1e-6)
+      self.assertTrue(np.all(np.asarray(a) != 0))
+
+  def test_traced_options_out_of_their_domain_give_nan(self):
+    x, y = _problem_2d(6)
+    ls = jax.jit(lambda s: jaxce.sparse_cross_entropy(x, y, label_smoothing=s))
+    z = jax.jit(lambda s: jaxce.sparse_cross_entropy(x, y, z_loss=s))
+    for bad in (1.5, -0.1, float("nan")):
+      self.assertTrue(np.all(np.isnan(ls(bad))))
+    for bad in (-1.0, float("inf"), float("nan")):
+      self.assertTrue(np.all(np.isnan(z(bad))))
+    self.assertTrue(np.all(np.isfinite(ls(0.3))) and np.all(np.isfinite(z(0.3))))
+
+  def test_option_types_are_validated_with_one_message_each(self):
+    x, y = _problem_2d(7)
+    f = jaxce.sparse_cross_entropy
+    for bad in ("a", 1.5, True, None.__class__):
+      with pytest.raises(TypeError, match="ignore_index must be an int or None; got"):
+        f(x, y, ignore_index=bad)
+    with pytest.raises(TypeError, match="ignore_index must be a Python int or None, not a traced"):
+      jax.jit(lambda i: f(x, y, ignore_index=i))(0)
+    with pytest.raises(ValueError, match=r"z_loss must be a finite scalar >= 0; got an array of "
+                       r"shape \(1,\)"):
+      f(x, y, z_loss=[0.1])
+    for bad in ("0.1", None, 1j):
+      with pytest.raises(TypeError, match=r"label_smoothing must be a scalar in \[0, 1\]; got"):
+        f(x, y, label_smoothing=bad)
+    for bad in (float("inf"), -1e-3, float("nan")):
+      with pytest.raises(ValueError, match="z_loss must be a finite scalar >= 0; got"):
+        f(x, y, z_loss=bad)
+    for bad in (None, 3, "Mean"):
+      with pytest.raises(ValueError, match="reduction must be one of 'none', 'mean', 'sum'"):
+        f(x, y, reduction=bad)
+
+  def test_complex_logits_raise_type_error(self):
+    x, y = _problem_2d(8)
+    with pytest.raises(TypeError, match="logits must be a real floating-point array, got dtype "
+                       "complex64"):
+      jaxce.sparse_cross_entropy(x.astype(np.complex64), y)
+
+  def test_empty_batch_and_zero_total_weight_means_are_zero(self):
+    empty = jaxce.sparse_cross_entropy(np.zeros((0, 3), np.float32), np.zeros(0, np.int32),
+                                       reduction="mean")
+    self.assertEqual(float(empty), 0.0)
+    self.assertEqual(jaxce.sparse_cross_entropy(np.zeros((0, 3), np.float32),
+                                                np.zeros(0, np.int32)).shape, (0,))
+    x, y = _problem_2d(9)
+    w = np.zeros(5, np.float32)
+    fn = lambda x: jaxce.sparse_cross_entropy(x, y, class_weights=w, reduction="mean")
+    self.assertEqual(float(fn(x)), 0.0)
+    _close(jax.grad(fn)(jnp.asarray(x)), np.zeros_like(x))
+
+  def test_float32_sum_of_a_few_hundred_terms_is_as_accurate_as_pytorch(self):
+    # Only the reduction differs: each sum is compared with the float64 sum of
+    # the same float32 per-example losses, over 30 random batches of 300.
+    errors, torch_errors = [], []
+    for seed in range(30):
+      rng = np.random.default_rng(seed)
+      x = (rng.normal(size=(300, 7)) * 0.1).astype(np.float32)
+      y = rng.integers(0, 7, size=300)
+      terms = np.asarray(jaxce.sparse_cross_entropy(x, y))
+      exact = terms.astype(np.float64).sum()
+      errors.append(abs(float(jaxce.sparse_cross_entropy(x, y, reduction="sum")) - exact) / exact)
+      if torch is not None:
+        torch_errors.append(abs(float(torch.tensor(terms).sum()) - exact) / exact)
+    eps = np.finfo(np.float32).eps
+    # Pairwise summation: ~0.3 eps on average here; XLA's plain float32 sum is ~0.43 eps.
+    self.assertLess(np.mean(errors), 0.36 * eps)
+    if torch_errors:
+      self.assertLessEqual(np.mean(errors), np.mean(torch_errors))
+
+
 class TestSparseCrossEntropyVariants(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -417,8 +602,8 @@ class TestDenseCrossEntropy(parameterized.TestCase):
     expected = F.cross_entropy(xt, torch.tensor(t), weight=None if w is None else torch.tensor(w),
                                label_smoothing=smoothing, reduction=reduction)
     expected.sum().backward()
-    loss = lambda x: jaxce.dense_cross_entropy(x, t, axis=1, class_weights=w, label_smoothing=smoothing,
-                                               reduction=reduction)
+    loss = lambda x: jaxce.dense_cross_entropy(x, t, axis=1, class_weights=w,
+                                               label_smoothing=smoothing, reduction=reduction)
     _close(loss(x), expected.detach().numpy(), 1e-5, 1e-6)
     _close(jax.grad(lambda x: loss(x).sum())(x), xt.grad.numpy(), 1e-5, 1e-6)
 
@@ -494,8 +679,8 @@ class TestDenseCrossEntropy(parameterized.TestCase):
   def test_bad_inputs_raise_clear_errors(self):
     x = jnp.zeros((4, 3))
     f = jaxce.dense_cross_entropy
-    with pytest.raises(TypeError, match="labels must be real floating-point probabilities, got dtype "
-                       "int32"):
+    with pytest.raises(TypeError, match="labels must be real floating-point probabilities, got "
+                       "dtype int32"):
       f(x, jnp.zeros((4, 3), jnp.int32))
     with pytest.raises(ValueError, match=r"labels shape \(4,\) does not match logits \(4, 3\)"):
       f(x, jnp.zeros((4,)))
@@ -510,6 +695,59 @@ class TestDenseCrossEntropy(parameterized.TestCase):
 # ---------------------------------------------------------------------------
 # nll_loss
 # ---------------------------------------------------------------------------
+
+
+  @parameterized.parameters(0.0, 0.1)
+  def test_huge_finite_logits_give_the_exact_loss_and_gradient(self, smoothing):
+    x, y = _huge_problem(1e20)
+    t = np.eye(4, dtype=np.float32)[y]
+    expected = ref_dense(x, t, ls=smoothing)
+    self.assertTrue(np.all(np.isfinite(expected)))
+    _close_rel(jaxce.dense_cross_entropy(x, t, label_smoothing=smoothing), expected, 1e-6)
+    grad = jax.grad(lambda x: jaxce.dense_cross_entropy(x, t, label_smoothing=smoothing).sum())(
+        jnp.asarray(x))
+    q = (1 - smoothing) * t + smoothing / 4
+    _close(grad, np.eye(4)[np.argmax(x, axis=1)] - q, 1e-6, 1e-6)
+
+  def test_gradients_reach_smoothing_z_loss_weights_and_labels(self):
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+    t = jnp.asarray(rng.dirichlet(np.ones(5), size=4) * 0.9, jnp.float32)  # sums to 0.9
+
+    def ours(ls, z, w, t):
+      return jaxce.dense_cross_entropy(x, t, class_weights=w, label_smoothing=ls, z_loss=z,
+                                       reduction="mean")
+
+    def naive(ls, z, w, t):
+      logp = jax.nn.log_softmax(x)
+      q = ((1 - ls) * t + ls / 5) * w[None, :]
+      return jnp.mean(-jnp.sum(q * logp, axis=-1) + z * jax.nn.logsumexp(x, axis=-1)**2)
+
+    args = (0.2, 0.01, jnp.array([1.0, 2.0, 0.5, 1.5, 1.0]), t)
+    got = jax.grad(ours, argnums=(0, 1, 2, 3))(*args)
+    want = jax.grad(naive, argnums=(0, 1, 2, 3))(*args)
+    for a, b in zip(got, want, strict=True):
+      _close(a, b, 1e-5, 1e-6)
+    # Labels that do not sum to 1: the exact derivative, not TensorFlow's softmax − labels.
+    gx = jax.grad(lambda x: jaxce.dense_cross_entropy(x, t).sum())(x)
+    _close(gx, 0.9 * jax.nn.softmax(x) - t, 1e-5, 1e-6)
+
+  def test_traced_options_out_of_their_domain_give_nan(self):
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    t = rng.dirichlet(np.ones(4), size=3).astype(np.float32)
+    ls = jax.jit(lambda s: jaxce.dense_cross_entropy(x, t, label_smoothing=s))
+    z = jax.jit(lambda s: jaxce.dense_cross_entropy(x, t, z_loss=s))
+    self.assertTrue(np.all(np.isnan(ls(1.5))) and np.all(np.isnan(z(-1.0))))
+    self.assertTrue(np.all(np.isfinite(ls(0.5))) and np.all(np.isfinite(z(0.5))))
+
+  def test_complex_inputs_raise_type_error(self):
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises(TypeError, match="logits must be a real floating-point array"):
+      jaxce.dense_cross_entropy(x.astype(np.complex64), x)
+    with pytest.raises(TypeError, match="labels must be real floating-point probabilities, got "
+                       "dtype complex64"):
+      jaxce.dense_cross_entropy(x, x.astype(np.complex64))
 
 
 class TestNllLoss(parameterized.TestCase):
@@ -572,3 +810,13 @@ class TestNllLoss(parameterized.TestCase):
       jaxce.nll_loss(jnp.zeros((2, 3)), jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match="reduction must be one of"):
       jaxce.nll_loss(jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), reduction="elementwise")
+
+  def test_huge_finite_log_probs_and_every_label_dtype(self):
+    x, y = _huge_problem(1e20)
+    for dtype in INT_DTYPES:
+      _close_rel(jaxce.nll_loss(x, y.astype(dtype), ignore_index=-100),
+                 -x[np.arange(3), y].astype(np.float64), 1e-7)
+
+  def test_complex_log_probs_raise_type_error(self):
+    with pytest.raises(TypeError, match="log_probs must be a real floating-point array"):
+      jaxce.nll_loss(np.zeros((2, 3), np.complex64), np.array([0, 1]))

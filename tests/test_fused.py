@@ -121,8 +121,9 @@ class TestSparseRowsPivot(parameterized.TestCase):
   @parameterized.product(smoothing=[0.0, 0.2], z=[0.0, 1e-3])
   def test_overflowing_rows_match_reference_through_row_max_fallback(self, smoothing, z):
     x, y, w = self._overflowing()
-    fused = lambda x, w: jaxce.sparse_cross_entropy(x, y, class_weights=w, label_smoothing=smoothing,
-                                                    z_loss=z, reduction="mean")
+    fused = lambda x, w: jaxce.sparse_cross_entropy(x, y, class_weights=w,
+                                                    label_smoothing=smoothing, z_loss=z,
+                                                    reduction="mean")
     naive = lambda x, w: naive_sparse(x, y, w, smoothing, z)
     for f in (fused, jax.jit(fused)):
       self.assertTrue(np.isfinite(float(f(x, w))))
@@ -212,18 +213,20 @@ class TestDenseRows(parameterized.TestCase):
   @parameterized.parameters(0.0, 1e-2)
   def test_gradients_equal_autodiff_of_reference(self, z):
     x, _, w, t = _problem(7)
-    fused = lambda x, t, w: jaxce.dense_cross_entropy(x, t, class_weights=w, z_loss=z, reduction="mean")
+    fused = lambda x, t, w: jaxce.dense_cross_entropy(x, t, class_weights=w, z_loss=z,
+                                                      reduction="mean")
     ref = jax.grad(lambda x, t, w: naive_dense(x, t, w, z), argnums=(0, 1, 2))(x, t, w)
     got = jax.grad(fused, argnums=(0, 1, 2))(x, t, w)
     _close(fused(x, t, w), naive_dense(x, t, w, z))
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
       _close(a, b)
 
   def test_second_order_reverse_over_reverse_matches_reference(self):
     x, _, w, t = _problem(8)
     v = jnp.asarray(np.random.default_rng(9).normal(size=x.shape), jnp.float32)
     hvp = lambda loss: jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v))(x)
-    fused = lambda x: jaxce.dense_cross_entropy(x, t, class_weights=w, z_loss=1e-2, reduction="mean")
+    fused = lambda x: jaxce.dense_cross_entropy(x, t, class_weights=w, z_loss=1e-2,
+                                                reduction="mean")
     _close(hvp(fused), hvp(lambda x: naive_dense(x, t, w, 1e-2)), 1e-4)
 
   def test_negative_z_loss_is_rejected(self):

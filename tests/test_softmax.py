@@ -18,6 +18,7 @@ from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import jaxce
+
 from torch_ref import F
 from torch_ref import needs_torch
 from torch_ref import torch
@@ -259,6 +260,17 @@ class _Shared:
   def test_errors_raise_at_trace_time_under_jit(self):
     with pytest.raises(ValueError, match=r"where shape \(4,\) does not broadcast"):
       jax.jit(lambda x, m: type(self).fn(x, where=m))(jnp.zeros((2, 3)), jnp.ones(4, bool))
+
+  def test_complex_input_raises_type_error(self):
+    name = type(self).fn.__name__
+    with pytest.raises(TypeError, match=rf"jaxce\.{name}: x must be a real array, got dtype "
+                       r"complex64"):
+      type(self).fn(jnp.zeros((2, 3), jnp.complex64))
+
+  def test_huge_finite_logits_are_exact(self):
+    x = np.array([[1e20, -1e20, 0.0], [3.0, 1e20, -1e20]], np.float32)
+    assert_close(all_three(x)[self.index], ref_all(x.astype(np.float64))[self.index], rtol=1e-7,
+                 atol=0)
 
 
 class TestSoftmax(_Shared, chex.TestCase):
