@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from jax.typing import ArrayLike
 
-from jaxce import _common
+from jaxce._binary import _check_reduction
 from jaxce._binary import _elementwise_inputs
 from jaxce._binary import _weighted_reduce
 
@@ -25,7 +25,10 @@ def mse_loss(
   Unlike PyTorch, which broadcasts mismatched shapes with a warning, ``targets``
   must have exactly ``predictions.shape`` (a silent ``[N, 1]`` vs ``[N]``
   broadcast is a classic bug); ``weights`` may broadcast. ``mean`` averages over
-  all elements.
+  all elements. Gradients reach ``predictions``, float ``targets`` and
+  ``weights``; infinite or NaN inputs give what the formula gives (``inf``, or
+  NaN for ``inf - inf``), as in PyTorch, and a square that overflows the
+  compute dtype is ``inf``. Complex inputs raise ``TypeError``.
 
   Args:
     predictions: floating predictions of any shape.
@@ -46,6 +49,6 @@ def mse_loss(
     ``torch.nn.functional.mse_loss``; ``optax.squared_error``.
   """
   fn = "jaxce.mse_loss"
-  _common.check_reduction(reduction, fn)
+  _check_reduction(reduction, fn)
   p, t, w = _elementwise_inputs(predictions, targets, weights, fn, "predictions", "targets")
   return _weighted_reduce((p - t) ** 2, w, reduction)
