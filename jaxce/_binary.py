@@ -57,17 +57,29 @@ def _check_unit_interval(x: jax.Array, name: str, fn: str) -> None:
                          jnp.sum(bad))
 
 
+def _host_cast(value: Any, dtype: Any) -> Any:
+  """NumPy 64-bit integers in the compute dtype, cast on the host.
+
+  Without ``jax_enable_x64``, ``jnp.asarray`` wraps them modulo 2**32 (a label
+  of 2**32 would become a valid 0); they are cast to floats here anyway.
+  """
+  if isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind in "iu" and (
+      value.dtype.itemsize == 8):
+    return np.asarray(value, dtype)
+  return value
+
+
 def _elementwise_inputs(x, labels, weights, fn, x_name, label_name="labels"):
   """Validates an elementwise loss's inputs; returns them in the compute dtype."""
   x = _common.as_array(x, x_name, fn)
   _common.check_real(x, x_name, fn)
   _common.check_floating(x, x_name, fn)
-  labels = _common.as_array(labels, label_name, fn)
+  dtype = _common.compute_dtype(x.dtype)
+  labels = _common.as_array(_host_cast(labels, dtype), label_name, fn)
   _common.check_real(labels, label_name, fn)
   _common.check_shape(labels, x.shape, label_name, x_name, fn)
-  dtype = _common.compute_dtype(x.dtype)
   if weights is not None:
-    weights = _common.as_array(weights, "weights", fn)
+    weights = _common.as_array(_host_cast(weights, dtype), "weights", fn)
     _common.check_real(weights, "weights", fn)
     weights = _common.broadcast_to(weights, x.shape, "weights", x_name, fn).astype(dtype)
   return x.astype(dtype), labels.astype(dtype), weights
@@ -128,7 +140,7 @@ def _bce_terms_jvp(primals, tangents):
   grad_p = (p - y) / jnp.maximum((1.0 - p) * p, jnp.asarray(_GRAD_EPS, p.dtype))
   out = _add_tangent(None, _nan_where(bad, grad_p), dp)
   out = _add_tangent(out, _nan_where(bad, log_1mp - log_p), dy)
-  return loss, out
+  return loss, jnp.zeros_like(loss) if out is None else out
 
 
 _bce_terms.defjvp(_bce_terms_jvp, symbolic_zeros=True)
@@ -164,7 +176,7 @@ def _logits_terms_jvp(primals, tangents):
   out = _add_tangent(None, _nan_where(bad, grad_x), dx)
   out = _add_tangent(out, _nan_where(bad, _times(pw, sp_neg) - sp_pos), dy)
   out = _add_tangent(out, _nan_where(bad, _times(y, sp_neg)), dpw)
-  return loss, out
+  return loss, jnp.zeros_like(loss) if out is None else out
 
 
 _logits_terms.defjvp(_logits_terms_jvp, symbolic_zeros=True)
@@ -277,7 +289,7 @@ def binary_cross_entropy_with_logits(
   if pos_weight is None:
     pw = jnp.ones((), x.dtype)
   else:
-    pw = _common.as_array(pos_weight, "pos_weight", fn)
+    pw = _common.as_array(_host_cast(pos_weight, x.dtype), "pos_weight", fn)
     _common.check_real(pw, "pos_weight", fn)
     pw = _common.broadcast_to(pw, x.shape, "pos_weight", "logits", fn).astype(x.dtype)
   _check_unit_interval(y, "labels", fn)

@@ -402,6 +402,21 @@ class TestBinaryCrossEntropy(chex.TestCase):
                        r"\[0, 1\]; got " + detail):
       jaxce.binary_cross_entropy(jnp.array([0.3, 0.6]), labels)
 
+  def test_int64_labels_are_not_wrapped_to_int32(self):
+    # Without x64, jnp.asarray would wrap 2**32 to a valid 0. (Arguments of a jitted
+    # function are converted by jit itself, before jaxce sees them.)
+    for labels in (np.array([0, 2**32], np.int64), np.array([2**32 + 1, 1], np.uint64)):
+      with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]; got 4\.29497e\+09"):
+        jaxce.binary_cross_entropy(jnp.array([0.3, 0.6]), labels)
+      with pytest.raises(ValueError, match=r"with_logits: labels must lie in \[0, 1\]"):
+        jaxce.binary_cross_entropy_with_logits(jnp.array([0.3, 0.6]), labels)
+    assert_close(jaxce.binary_cross_entropy(jnp.array([0.3, 0.6]), np.array([1, 0], np.int64),
+                                            weights=np.array([2, 3], np.int64)),
+                 [-2 * np.log(0.3), -3 * np.log(0.4)], rtol=1e-6, atol=0)
+    assert_close(jaxce.binary_cross_entropy_with_logits(
+        jnp.zeros(2), np.array([1, 0], np.uint64), pos_weight=np.array([2**33, 1], np.int64)),
+                 [2.0**33 * np.log(2), np.log(2)], rtol=1e-6, atol=0)
+
   @needs_torch
   def test_pytorch_raises_for_the_same_domain(self):
     for p, y in (([np.nan], [1.0]), ([-0.1], [1.0]), ([0.5], [1.5]), ([0.5], [np.nan])):

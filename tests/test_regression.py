@@ -198,6 +198,15 @@ class TestMseLoss(chex.TestCase):
     assert_close(loss, [0.25, 0.0, 16.0], rtol=0, atol=0)
     assert_close(mse(jnp.array([0.5, 2.0]), jnp.array([True, False])), [0.25, 4.0])
 
+  def test_int64_targets_are_not_wrapped_to_int32(self):
+    # Without x64, jnp.asarray would wrap 2**32 + 5 to 5 (eager calls: jit converts its
+    # arguments itself, before jaxce sees them).
+    targets = np.array([2**32 + 5, -(2**40)], np.int64)
+    loss = jaxce.mse_loss(jnp.array([5.0, 0.0]), targets, weights=np.array([1, 2**33], np.int64))
+    assert_close(loss, [float(2**32) ** 2, 2.0**33 * 2.0**80], rtol=1e-6, atol=0)
+    assert_close(jaxce.mse_loss(jnp.array([0.0]), np.array([2**63 - 1], np.uint64)), [2.0**126],
+                 rtol=1e-6)
+
   def test_low_precision_predictions_give_float32_and_keep_targets_exact(self):
     predictions = jnp.array([1.0, 256.0], jnp.bfloat16)
     targets = jnp.array([1.001, 257.0], jnp.float32)  # neither is a bf16 number
