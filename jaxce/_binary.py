@@ -23,15 +23,6 @@ _GRAD_EPS = float(np.float32(1e-12))
 # ---------------------------------------------------------------------------
 
 
-def _check_reduction(reduction: Any, fn: str) -> None:
-  """``reduction`` must be one of the strings; a non-string is a ``TypeError``."""
-  if not isinstance(reduction, str):
-    raise TypeError(
-        f"{fn}: reduction must be a string, one of {', '.join(map(repr, _common.REDUCTIONS))}; "
-        f"got {type(reduction).__name__} {reduction!r}.")
-  _common.check_reduction(reduction, fn)
-
-
 def _outside_unit_interval(x: jax.Array) -> jax.Array:
   """True where ``x`` is not in ``[0, 1]``, NaN included."""
   return ~((x >= 0) & (x <= 1))
@@ -232,7 +223,7 @@ def binary_cross_entropy(
     ``torch.nn.functional.binary_cross_entropy``; ``torch.nn.BCELoss``.
   """
   fn = "jaxce.binary_cross_entropy"
-  _check_reduction(reduction, fn)
+  _common.check_reduction(reduction, fn)
   p, y, w = _elementwise_inputs(probs, labels, weights, fn, "probs")
   _check_unit_interval(p, "probs", fn)
   _check_unit_interval(y, "labels", fn)
@@ -284,7 +275,7 @@ def binary_cross_entropy_with_logits(
     ``tf.nn.sigmoid_cross_entropy_with_logits``.
   """
   fn = "jaxce.binary_cross_entropy_with_logits"
-  _check_reduction(reduction, fn)
+  _common.check_reduction(reduction, fn)
   x, y, w = _elementwise_inputs(logits, labels, weights, fn, "logits")
   if pos_weight is None:
     pw = jnp.ones((), x.dtype)

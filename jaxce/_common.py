@@ -44,8 +44,12 @@ def check_real(x: jax.Array, name: str, fn: str) -> None:
 
 
 def check_reduction(reduction: Any, fn: str) -> str:
+  """``reduction`` as given; a non-string is a ``TypeError``, an unknown string a ``ValueError``."""
   choices = ", ".join(map(repr, REDUCTIONS))
-  if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+  if not isinstance(reduction, str):
+    raise TypeError(f"{fn}: reduction must be a string, one of {choices}; "
+                    f"got {type(reduction).__name__} {reduction!r}.")
+  if reduction not in REDUCTIONS:
     raise ValueError(f"{fn}: reduction must be one of {choices}; got {reduction!r}.")
   return reduction
 
@@ -205,18 +209,24 @@ def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
   return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
 
 
-def pairwise_sum(x: jax.Array) -> jax.Array:
-  """Sum of all elements by pairwise (tree) addition: error ``O(log n · eps)``, not ``O(n · eps)``.
+_SUM_BLOCK = 256
 
-  Used for the loss reductions (a few ``log2 n`` elementwise adds on ``n``
-  per-example losses), so a float32 mean is as accurate as PyTorch's.
+
+def pairwise_sum(x: jax.Array) -> jax.Array:
+  """Sum of all elements with error ``O(log n · eps)``, as accurate as PyTorch's cascade sum.
+
+  Up to ``_SUM_BLOCK`` elements are added as a pairwise tree (``log2 n``
+  elementwise adds); longer arrays are summed in blocks of that size in one
+  fused pass (XLA's vectorised block sums) and the block sums added as a tree.
   """
   x = jnp.ravel(x)
   size = x.shape[0]
   if size == 0:
     return jnp.zeros((), x.dtype)
-  padded = 1 << (size - 1).bit_length()
-  x = jnp.pad(x, (0, padded - size))
+  if size > _SUM_BLOCK:
+    x = jnp.pad(x, (0, -size % _SUM_BLOCK)).reshape(-1, _SUM_BLOCK).sum(axis=1)
+    size = x.shape[0]
+  x = jnp.pad(x, (0, (1 << (size - 1).bit_length()) - size))
   while x.shape[0] > 1:
     x = x[0::2] + x[1::2]
   return x[0]

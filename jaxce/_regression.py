@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from jax.typing import ArrayLike
 
-from jaxce._binary import _check_reduction
+from jaxce import _common
 from jaxce._binary import _elementwise_inputs
 from jaxce._binary import _weighted_reduce
 
@@ -49,6 +49,6 @@ def mse_loss(
     ``torch.nn.functional.mse_loss``; ``optax.squared_error``.
   """
   fn = "jaxce.mse_loss"
-  _check_reduction(reduction, fn)
+  _common.check_reduction(reduction, fn)
   p, t, w = _elementwise_inputs(predictions, targets, weights, fn, "predictions", "targets")
   return _weighted_reduce((p - t) ** 2, w, reduction)

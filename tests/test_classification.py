@@ -496,8 +496,10 @@ class TestSparseCrossEntropy(parameterized.TestCase):
     for bad in (float("inf"), -1e-3, float("nan")):
       with pytest.raises(ValueError, match="z_loss must be a finite scalar >= 0; got"):
         f(x, y, z_loss=bad)
-    for bad in (None, 3, "Mean"):
-      with pytest.raises(ValueError, match="reduction must be one of 'none', 'mean', 'sum'"):
+    with pytest.raises(ValueError, match="reduction must be one of 'none', 'mean', 'sum'"):
+      f(x, y, reduction="Mean")
+    for bad in (None, 3):
+      with pytest.raises(TypeError, match="reduction must be a string, one of 'none', 'mean'"):
         f(x, y, reduction=bad)
 
   def test_complex_logits_raise_type_error(self):

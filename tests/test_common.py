@@ -65,10 +65,12 @@ class TestCheckIgnoreIndex(parameterized.TestCase):
 
 class TestReductions(parameterized.TestCase):
 
-  @parameterized.parameters(0, 1, 2, 3, 7, 300, 1025)
+  @parameterized.parameters(0, 1, 2, 3, 7, 256, 257, 300, 1025, 70001)
   def test_pairwise_sum_equals_the_sum(self, n):
     x = np.arange(n, dtype=np.float32)
-    self.assertEqual(float(_common.pairwise_sum(jnp.asarray(x))), float(x.sum()))
+    exact = float(x.astype(np.float64).sum())
+    got = float(_common.pairwise_sum(jnp.asarray(x)))
+    self.assertLessEqual(abs(got - exact), 2 * np.finfo(np.float32).eps * exact)
 
   def test_zero_denominator_mean_is_zero_with_zero_gradient(self):
     f = lambda v: _common.reduce_loss(v, "mean", jnp.zeros(3))
@@ -76,7 +78,13 @@ class TestReductions(parameterized.TestCase):
     np.testing.assert_array_equal(jax.grad(f)(jnp.ones(3)), np.zeros(3))
     self.assertEqual(float(_common.reduce_loss(jnp.zeros((0,)), "mean")), 0.0)
 
-  @parameterized.parameters(None, 3, "avg")
+  @parameterized.parameters("avg", "Mean", "")
   def test_unknown_reduction_lists_the_choices(self, value):
     with pytest.raises(ValueError, match="f: reduction must be one of 'none', 'mean', 'sum'; got"):
+      _common.check_reduction(value, "f")
+
+  @parameterized.parameters(None, 3, b"mean")
+  def test_non_string_reduction_is_a_type_error(self, value):
+    with pytest.raises(TypeError, match="f: reduction must be a string, one of 'none', 'mean', "
+                       "'sum'; got"):
       _common.check_reduction(value, "f")
