@@ -1,110 +1,289 @@
-r"""Benchmark: train.py's default config vs the same MLP in plain PyTorch, on full MNIST.
+r"""Benchmark: train.py's speed against a minimal JAX step and against the PyTorch tutorial.
 
-  python benchmarks/bench_train.py --data_dir ../shared/data/mnist
+  python benchmarks/bench_train.py --data_dir ../shared/data/mnist --repeats 5
+  python benchmarks/bench_train.py --data_dir ../shared/data/mnist --epochs 1 --repeats 1  # smoke
 
-Both runs use the same data (the IDX files in ``--data_dir``), the same normalisation
-((x / 255 - 0.1307) / 0.3081), the same 784-512-256-128-64-10 ReLU MLP, batch 64, SGD with
-learning rate 0.01 and momentum 0.5, a fresh permutation each epoch with the last partial batch
-kept, and a test evaluation after every epoch. PyTorch keeps the normalised tensors in memory and
-slices batches from a ``randperm`` (no DataLoader, no per-image transforms), so it is measured at
-its best, not at the speed of the tutorial's DataLoader pipeline.
+Two measurements, both on the IDX files in ``--data_dir``:
 
-JAX wall time is the whole ``train.train_and_evaluate`` call in this process: putting the data on
-the device, compiling, training, evaluating, checkpointing, metrics, TensorBoard and the plot each
-epoch. PyTorch wall time is its training and evaluation loop. Prints both wall times, their ratio,
-both test accuracies and examples/s, then one JSON line.
+1. **Steady-state step, in this process.** One epoch of train.py's training loop (its compiled,
+   pmapped ``lax.scan`` calls over data on the device, fed by its host loop) against one epoch of
+   a minimal reference: the same Flax MLP and ``optax.sgd(0.01, momentum=0.5)``, the optax loss
+   ``softmax_cross_entropy_with_integer_labels(...).mean()``, one device, ``jax.jit`` of a
+   ``lax.scan`` over the epoch's batches (full batches of 64; the data normalised on the device
+   beforehand). Both compiled before timing; ``--step_rounds`` rounds, interleaved; per-step
+   times and their ratio (min, and median of the per-round ratios).
+2. **Whole run, separate processes.** ``python train.py --config configs/default.py`` (fresh
+   workdir, ``--config.num_epochs=--epochs``) against the tutorial-faithful PyTorch MLP run by
+   this script in another process (``--worker=torch``): a ``Dataset`` that does per image what
+   ``torchvision.datasets.MNIST`` with ``Compose([ToTensor(), Normalize((0.1307,), (0.3081,))])``
+   does (PIL image, float tensor in [0, 1], normalise), a shuffling ``DataLoader`` with batch 64
+   (test batch 1000, no workers, as in the tutorial), the same MLP, ``SGD(lr=0.01, momentum=0.5)``
+   and a test pass every epoch. Both timed as whole processes (imports, data loading, compiling,
+   checkpoints and plots included), ``--repeats`` times, interleaved; min and median of each and
+   the ratio PyTorch / JAX of each.
+
+Prints one line per measurement, then one JSON line with everything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import input_pipeline  # noqa: E402
-import train  # noqa: E402
-from configs import default  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Folder with the four MNIST IDX files.", required=True)
-flags.DEFINE_integer("epochs", 10, "Epochs for both frameworks.")
-flags.DEFINE_bool("torch", True, "Also run the PyTorch baseline when torch is installed.")
+flags.DEFINE_integer("epochs", 10, "Epochs of each whole run (both frameworks).")
+flags.DEFINE_integer("repeats", 5, "Whole runs of each framework.")
+flags.DEFINE_integer("step_rounds", 7, "Timed epochs of train.py's loop and of the reference.")
+flags.DEFINE_list("parts", ["step", "run"], "Which measurements: step, run.")
+flags.DEFINE_enum("worker", None, ["torch"], "Internal: run the PyTorch tutorial and print JSON.")
+
+BATCH, LEARNING_RATE, MOMENTUM = 64, 0.01, 0.5
+FEATURES = (512, 256, 128, 64)
 
 
-def run_jax(data_dir: str, epochs: int) -> dict:
-  """train.py's default config, in a fresh workdir; wall time of the whole call."""
-  config = default.get_config()
-  config.data_dir, config.num_epochs = data_dir, epochs
+def spread(values: list[float]) -> dict[str, float]:
+  return {"min": min(values), "median": statistics.median(values)}
+
+
+# ----------------------------------------------------------------------- 1. steady-state step
+
+
+def reference_epoch_fn(model, tx, num_steps: int):
+  """The minimal step: jit + lax.scan over the epoch's batches, optax loss, one device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+
+  def loss_fn(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def step(carry, batch):
+    params, opt_state = carry
+    loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  @jax.jit
+  def epoch(params, opt_state, images, labels, perm):
+    x = images[perm].reshape(num_steps, BATCH, -1)
+    y = labels[perm].reshape(num_steps, BATCH)
+    (params, opt_state), losses = lax.scan(step, (params, opt_state), (x, y))
+    return params, opt_state, losses.mean()
+
+  return epoch
+
+
+def measure_step(data, rounds: int) -> dict:
+  """Per-step seconds of train.py's epoch loop and of the reference, interleaved."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
+
+  from trainer import data as data_lib  # pylint: disable=g-import-not-at-top
+  from trainer import loop  # pylint: disable=g-import-not-at-top
+  from trainer import model as model_lib  # pylint: disable=g-import-not-at-top
+
+  n = len(data.train)
+  init = jax.device_get(model_lib.create_train_state(0, features=FEATURES,
+                                                     learning_rate=LEARNING_RATE,
+                                                     momentum=MOMENTUM))
+  state = data_lib.replicate(init)
+  device_data, topo = data_lib.put_on_devices(data.train), data_lib.current_topology()
+  ref_steps = n // BATCH
+  ref_epoch = reference_epoch_fn(model_lib.MLP(FEATURES), init.tx, ref_steps)
+  ref_images = jnp.asarray(data_lib.normalize(data.train.images))
+  ref_labels = jnp.asarray(data.train.labels)
+  params, opt_state = init.params, init.opt_state
+  times = {"train.py": [], "reference": []}
+  for r in range(rounds + 1):  # Round 0 compiles both and is not counted.
+    idx, valid = data_lib.epoch_batches(n, BATCH, seed=0, epoch=r + 1)
+    calls = data_lib.shard_calls(idx, valid, topo, data_lib.chunk_length(len(idx), 100))
+    perm = jnp.asarray(idx.reshape(-1)[:ref_steps * BATCH])
+    for name in (("train.py", "reference") if r % 2 else ("reference", "train.py")):
+      start = time.perf_counter()
+      if name == "train.py":
+        state, _, _ = loop.train_epoch(state, device_data, calls, tqdm.tqdm(disable=True))
+        steps = len(idx)
+      else:
+        params, opt_state, loss = ref_epoch(params, opt_state, ref_images, ref_labels, perm)
+        jax.block_until_ready((params, opt_state, loss))
+        steps = ref_steps
+      if r:
+        times[name].append((time.perf_counter() - start) / steps)
+  ratios = [a / b for a, b in zip(times["train.py"], times["reference"], strict=True)]
+  return {"devices": jax.device_count(), "steps_per_epoch": len(idx),
+          "train_py_ms": spread([1e3 * t for t in times["train.py"]]),
+          "reference_ms": spread([1e3 * t for t in times["reference"]]),
+          "ratio_of_mins": min(times["train.py"]) / min(times["reference"]),
+          "ratio_median": statistics.median(ratios), "ratios": ratios,
+          "loss_finite": bool(np.isfinite(float(loss)))}
+
+
+# ----------------------------------------------------------------------- 2. whole runs
+
+
+def run_jax_process(data_dir: str, epochs: int) -> dict:
+  """``python train.py`` on the default config in a fresh workdir; its process wall time."""
   with tempfile.TemporaryDirectory() as workdir:
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
+           os.path.join(REPO, "configs", "default.py"), f"--workdir={workdir}",
+           f"--config.data_dir={data_dir}", f"--config.num_epochs={epochs}"]
     start = time.perf_counter()
-    _, summary = train.train_and_evaluate(config, workdir)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     wall = time.perf_counter() - start
-  return {"wall_seconds": wall, "train_seconds": summary["train_seconds"],
-          "test_accuracy": summary["test_accuracy"], "devices": summary["devices"],
-          "examples_per_sec": summary["num_train"] * epochs / wall}
+  if proc.returncode:
+    raise RuntimeError(f"train.py failed:\n{proc.stderr[-3000:]}")
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  return {"wall_seconds": wall, "test_accuracy_percent": summary["test_accuracy_percent"],
+          "train_seconds": summary["train_seconds"],
+          "compile_seconds": summary["compile_seconds"]}
 
 
-def torch_mlp(torch, sizes=(784, 512, 256, 128, 64, 10)):
-  layers = []
+def run_torch_process(data_dir: str, epochs: int) -> dict:
+  """This script's ``--worker=torch`` in another process; its process wall time."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker=torch", f"--data_dir={data_dir}",
+         f"--epochs={epochs}"]
+  start = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
+  wall = time.perf_counter() - start
+  if proc.returncode:
+    raise RuntimeError(f"PyTorch worker failed:\n{proc.stderr[-3000:]}")
+  return {"wall_seconds": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def measure_runs(data_dir: str, epochs: int, repeats: int) -> dict:
+  runs = {"jax": [], "torch": []}
+  for r in range(repeats):
+    for name in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
+      run = run_jax_process if name == "jax" else run_torch_process
+      runs[name].append(run(data_dir, epochs))
+  jax_walls, torch_walls = ([r["wall_seconds"] for r in runs[k]] for k in ("jax", "torch"))
+  return {"epochs": epochs, "repeats": repeats, "jax": runs["jax"], "torch": runs["torch"],
+          "jax_wall": spread(jax_walls), "torch_wall": spread(torch_walls),
+          "speedup_of_mins": min(torch_walls) / min(jax_walls),
+          "speedup_of_medians": statistics.median(torch_walls) / statistics.median(jax_walls)}
+
+
+# ----------------------------------------------------------------------- the PyTorch tutorial
+
+
+def torch_tutorial(data_dir: str, epochs: int, seed: int = 0) -> dict:
+  """The PyTorch MNIST tutorial's pipeline and loop with the project's MLP (``--worker=torch``)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  start = time.perf_counter()
+  torch.manual_seed(seed)
+  data = input_pipeline.load_idx_dir(data_dir)
+  train_loader = torch.utils.data.DataLoader(tutorial_dataset(data.train), batch_size=BATCH,
+                                             shuffle=True)
+  test_loader = torch.utils.data.DataLoader(tutorial_dataset(data.test), batch_size=1000)
+  model = torch_mlp(torch)
+  optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+  for _ in range(epochs):
+    model.train()
+    for images, labels in train_loader:
+      optimizer.zero_grad()
+      torch.nn.functional.cross_entropy(model(images), labels).backward()
+      optimizer.step()
+    accuracy = torch_test(torch, model, test_loader)
+  return {"seconds_after_imports": time.perf_counter() - start,
+          "test_accuracy_percent": accuracy, "threads": torch.get_num_threads()}
+
+
+def tutorial_dataset(split):
+  """What ``torchvision.datasets.MNIST(transform=Compose([ToTensor(), Normalize(...)]))`` gives.
+
+  Per item, as torchvision does: ``Image.fromarray`` of the uint8 digit; ``ToTensor`` (a copy
+  as a (1, 28, 28) tensor, float, divided by 255); ``Normalize((0.1307,), (0.3081,))`` (a copy,
+  minus mean, divided by std). torchvision itself has no CPU build on this machine.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  class TutorialMNIST(torch.utils.data.Dataset):
+
+    def __init__(self):
+      self.data = torch.from_numpy(split.images.reshape(-1, 28, 28).copy())
+      self.targets = torch.from_numpy(split.labels.astype(np.int64))
+      self.mean = torch.as_tensor((0.1307,)).view(-1, 1, 1)
+      self.std = torch.as_tensor((0.3081,)).view(-1, 1, 1)
+
+    def __len__(self):
+      return len(self.data)
+
+    def __getitem__(self, index):
+      img, target = self.data[index], int(self.targets[index])
+      img = Image.fromarray(img.numpy())
+      x = torch.from_numpy(np.array(img, np.uint8, copy=True)).view(28, 28, 1)
+      x = x.permute((2, 0, 1)).contiguous().to(torch.get_default_dtype()).div(255)
+      return x.clone().sub_(self.mean).div_(self.std), target
+
+  return TutorialMNIST()
+
+
+def torch_mlp(torch, sizes=(784, *FEATURES, 10)):
+  layers = [torch.nn.Flatten()]
   for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
     layers += [torch.nn.Linear(n_in, n_out), torch.nn.ReLU()]
   return torch.nn.Sequential(*layers[:-1])
 
 
-def run_torch(data: input_pipeline.Dataset, epochs: int, seed: int = 0) -> dict:
-  """The same MLP, optimiser, batch and epochs in plain PyTorch (tensors in memory)."""
-  import torch  # pylint: disable=g-import-not-at-top
+def torch_test(torch, model, loader) -> float:
+  model.eval()
+  correct = total = 0
+  with torch.no_grad():
+    for images, labels in loader:
+      correct += (model(images).argmax(1) == labels).sum().item()
+      total += len(labels)
+  return 100.0 * correct / total
 
-  torch.manual_seed(seed)
-  x, y = (torch.from_numpy(train.normalize(data.train.images)),
-          torch.from_numpy(data.train.labels.astype("int64")))
-  x_test, y_test = (torch.from_numpy(train.normalize(data.test.images)),
-                    torch.from_numpy(data.test.labels.astype("int64")))
-  model = torch_mlp(torch)
-  opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
-  start = time.perf_counter()
-  for _ in range(epochs):
-    perm = torch.randperm(len(y))
-    for i in range(0, len(y), 64):  # The last partial batch is kept, as in train.py.
-      idx = perm[i:i + 64]
-      opt.zero_grad()
-      torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-      opt.step()
-    with torch.no_grad():
-      accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-  wall = time.perf_counter() - start
-  return {"wall_seconds": wall, "test_accuracy": accuracy, "threads": torch.get_num_threads(),
-          "examples_per_sec": len(y) * epochs / wall}
+
+# ----------------------------------------------------------------------- main
 
 
 def main(argv):
   del argv
-  train.quiet_library_logs()
-  jax_result = run_jax(FLAGS.data_dir, FLAGS.epochs)
-  print(f"JAX    : {jax_result['wall_seconds']:8.1f} s wall ({jax_result['train_seconds']:.1f} s "
-        f"in training epochs), test accuracy {100 * jax_result['test_accuracy']:.2f}%, "
-        f"{jax_result['examples_per_sec']:,.0f} examples/s, {jax_result['devices']} device(s)")
-  result = {"epochs": FLAGS.epochs, "jax": jax_result}
-  try:
-    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    print("PyTorch: not installed, baseline skipped")
-  else:
-    if FLAGS.torch:
-      torch_result = run_torch(input_pipeline.load_idx_dir(FLAGS.data_dir), FLAGS.epochs)
-      ratio = torch_result["wall_seconds"] / jax_result["wall_seconds"]
-      print(f"PyTorch: {torch_result['wall_seconds']:8.1f} s wall, test accuracy "
-            f"{100 * torch_result['test_accuracy']:.2f}%, "
-            f"{torch_result['examples_per_sec']:,.0f} examples/s, "
-            f"{torch_result['threads']} thread(s)")
-      print(f"speed-up: JAX is {ratio:.1f}x faster than PyTorch (wall time)")
-      result.update(torch=torch_result, speedup=ratio)
+  if FLAGS.worker == "torch":
+    print(json.dumps(torch_tutorial(FLAGS.data_dir, FLAGS.epochs)))
+    return
+  result = {}
+  if "step" in FLAGS.parts:
+    import input_pipeline  # pylint: disable=g-import-not-at-top
+
+    step = measure_step(input_pipeline.load_idx_dir(FLAGS.data_dir), FLAGS.step_rounds)
+    print(f"steady-state step ({step['devices']} device(s), {step['steps_per_epoch']} steps an "
+          f"epoch, {FLAGS.step_rounds} rounds): train.py {step['train_py_ms']['min']:.3f} ms min "
+          f"/ {step['train_py_ms']['median']:.3f} median, reference "
+          f"{step['reference_ms']['min']:.3f} / {step['reference_ms']['median']:.3f}; ratio "
+          f"{step['ratio_of_mins']:.3f} (mins), {step['ratio_median']:.3f} (median of rounds)")
+    result["step"] = step
+  if "run" in FLAGS.parts:
+    runs = measure_runs(FLAGS.data_dir, FLAGS.epochs, FLAGS.repeats)
+    print(f"whole run, {FLAGS.epochs} epochs, {FLAGS.repeats} repeats: train.py "
+          f"{runs['jax_wall']['min']:.1f} s min / {runs['jax_wall']['median']:.1f} s median "
+          f"(test accuracy {runs['jax'][-1]['test_accuracy_percent']:.2f} %); PyTorch tutorial "
+          f"{runs['torch_wall']['min']:.1f} / {runs['torch_wall']['median']:.1f} s "
+          f"({runs['torch'][-1]['test_accuracy_percent']:.2f} %, "
+          f"{runs['torch'][-1]['threads']} threads); PyTorch time / train.py time: "
+          f"{runs['speedup_of_mins']:.2f}x (mins), {runs['speedup_of_medians']:.2f}x (medians)")
+    result["run"] = runs
   print(json.dumps(result))
 
 
