@@ -86,51 +86,70 @@ def reference_epoch_fn(model, tx, num_steps: int):
   return epoch
 
 
-def measure_step(data, rounds: int) -> dict:
-  """Per-step seconds of train.py's epoch loop and of the reference, interleaved."""
+def step_contenders(data) -> dict:
+  """``{name: (prepare, run)}`` for train.py's epoch loop and for the reference, each with its own
+  state: ``prepare(epoch)`` builds an epoch's host-side inputs (untimed, as in train.py), ``run``
+  trains the epoch and returns its number of steps once the device is done."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
 
   from trainer import data as data_lib  # pylint: disable=g-import-not-at-top
   from trainer import loop  # pylint: disable=g-import-not-at-top
   from trainer import model as model_lib  # pylint: disable=g-import-not-at-top
 
-  n = len(data.train)
+  n, topo = len(data.train), data_lib.current_topology()
   init = jax.device_get(model_lib.create_train_state(0, features=FEATURES,
                                                      learning_rate=LEARNING_RATE,
                                                      momentum=MOMENTUM))
-  state = data_lib.replicate(init)
-  device_data, topo = data_lib.put_on_devices(data.train), data_lib.current_topology()
-  ref_steps = n // BATCH
-  ref_epoch = reference_epoch_fn(model_lib.MLP(FEATURES), init.tx, ref_steps)
-  ref_images = jnp.asarray(data_lib.normalize(data.train.images))
-  ref_labels = jnp.asarray(data.train.labels)
-  params, opt_state = init.params, init.opt_state
-  times = {"train.py": [], "reference": []}
-  for r in range(rounds + 1):  # Round 0 compiles both and is not counted.
-    idx, valid = data_lib.epoch_batches(n, BATCH, seed=0, epoch=r + 1)
-    calls = data_lib.shard_calls(idx, valid, topo, data_lib.chunk_length(len(idx), 100))
-    perm = jnp.asarray(idx.reshape(-1)[:ref_steps * BATCH])
-    for name in (("train.py", "reference") if r % 2 else ("reference", "train.py")):
+  ours = {"state": data_lib.replicate(init), "data": data_lib.put_on_devices(data.train)}
+  ref = {"state": (init.params, init.opt_state), "steps": n // BATCH,
+         "images": jnp.asarray(data_lib.normalize(data.train.images)),
+         "labels": jnp.asarray(data.train.labels)}
+  ref["epoch"] = reference_epoch_fn(model_lib.MLP(FEATURES), init.tx, ref["steps"])
+
+  def prepare_ours(epoch):
+    idx, valid = data_lib.epoch_batches(n, BATCH, seed=0, epoch=epoch)
+    return data_lib.shard_calls(idx, valid, topo, data_lib.chunk_length(len(idx), 100))
+
+  def run_ours(calls):
+    ours["state"], _, _ = loop.train_epoch(ours["state"], ours["data"], calls,
+                                           tqdm.tqdm(disable=True))
+    return sum(c.steps for c in calls)
+
+  def prepare_ref(epoch):
+    idx, _ = data_lib.epoch_batches(n, BATCH, seed=0, epoch=epoch)
+    return jnp.asarray(idx.reshape(-1)[:ref["steps"] * BATCH])
+
+  def run_ref(perm):
+    params, opt_state, loss = ref["epoch"](*ref["state"], ref["images"], ref["labels"], perm)
+    ref["state"] = jax.block_until_ready((params, opt_state, loss))[:2]
+    return ref["steps"]
+
+  return {"train.py": (prepare_ours, run_ours), "reference": (prepare_ref, run_ref)}
+
+
+def measure_step(data, rounds: int) -> dict:
+  """Per-step seconds of train.py's epoch loop and of the reference: one epoch each a round,
+  alternating which goes first; round 0 compiles both and is not counted."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  contenders = step_contenders(data)
+  times = {name: [] for name in contenders}
+  for r in range(rounds + 1):
+    for name in list(contenders)[::1 if r % 2 else -1]:
+      prepare, run = contenders[name]
+      inputs = prepare(r + 1)
       start = time.perf_counter()
-      if name == "train.py":
-        state, _, _ = loop.train_epoch(state, device_data, calls, tqdm.tqdm(disable=True))
-        steps = len(idx)
-      else:
-        params, opt_state, loss = ref_epoch(params, opt_state, ref_images, ref_labels, perm)
-        jax.block_until_ready((params, opt_state, loss))
-        steps = ref_steps
+      steps = run(inputs)
       if r:
         times[name].append((time.perf_counter() - start) / steps)
-  ratios = [a / b for a, b in zip(times["train.py"], times["reference"], strict=True)]
-  return {"devices": jax.device_count(), "steps_per_epoch": len(idx),
-          "train_py_ms": spread([1e3 * t for t in times["train.py"]]),
-          "reference_ms": spread([1e3 * t for t in times["reference"]]),
-          "ratio_of_mins": min(times["train.py"]) / min(times["reference"]),
-          "ratio_median": statistics.median(ratios), "ratios": ratios,
-          "loss_finite": bool(np.isfinite(float(loss)))}
+  ours, ref = times["train.py"], times["reference"]
+  return {"devices": jax.device_count(), "steps_per_epoch": -(-len(data.train) // BATCH),
+          "train_py_ms": spread([1e3 * t for t in ours]),
+          "reference_ms": spread([1e3 * t for t in ref]),
+          "ratio_of_mins": min(ours) / min(ref),
+          "ratio_median": statistics.median(a / b for a, b in zip(ours, ref, strict=True))}
 
 
 # ----------------------------------------------------------------------- 2. whole runs
