@@ -219,6 +219,14 @@ class TestConfig:
     assert fields == set(loop.RESULT_FIELDS) | set(loop.FREE_FIELDS)
     assert not set(loop.RESULT_FIELDS) & set(loop.FREE_FIELDS)
 
+  def test_missing_and_unknown_fields(self):
+    config = default.get_config()
+    del config["seed"]
+    config.extra = 1
+    with pytest.raises(errors.ConfigError, match=r"config lacks fields \['seed'\] and has "
+                       r"unknown fields \['extra'\]"):
+      loop.validate_config(config, 1)
+
   @pytest.mark.parametrize("overrides,devices,message", [
       ({"batch_size": 63}, 4, r"config.batch_size=63 is not divisible by the 4 devices; use a "
        r"multiple of 4"),
@@ -250,8 +258,8 @@ class TestRun:
 
   def test_outputs(self, baseline):
     workdir, state, summary = baseline
-    assert sorted(os.listdir(workdir)) == ["checkpoints", "curves.png", "metrics.jsonl",
-                                           "run.json", "tensorboard", "train.0.lock"]
+    assert sorted(f for f in os.listdir(workdir) if not f.endswith(".lock")) == [
+        "checkpoints", "curves.png", "metrics.jsonl", "run.json", "tensorboard"]
     records = epoch_records(workdir)
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert all(r["num_evaluated"] == NUM_TEST and r["dataset"] == "mnist" for r in records)

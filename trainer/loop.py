@@ -40,10 +40,13 @@ FREE_FIELDS = ("data_dir", "tfds_data_dir", "num_epochs", "max_steps_per_call", 
 
 def validate_config(config, num_devices: int) -> None:
   """Rejects a bad configuration before any data is loaded or anything is compiled."""
-  unknown = sorted(set(config) - set(RESULT_FIELDS) - set(FREE_FIELDS))
+  fields = set(RESULT_FIELDS) | set(FREE_FIELDS)
+  if set(config) != fields:
+    raise ConfigError(f"config lacks fields {sorted(fields - set(config))} and has unknown "
+                      f"fields {sorted(set(config) - fields)}; variants should start from "
+                      "configs/default.py's get_config()")
   sizes = tuple(config.hidden_sizes)
   checks = [
-      (not unknown, f"config has unknown fields {unknown}"),
       (config.batch_size > 0, f"config.batch_size must be positive, got {config.batch_size}"),
       (config.batch_size % num_devices == 0,
        f"config.batch_size={config.batch_size} is not divisible by the {num_devices} devices; "

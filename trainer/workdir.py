@@ -24,8 +24,8 @@ from trainer.errors import WorkdirError
 
 RUN_FILE = "run.json"
 # Everything a run writes into its workdir (what --fresh deletes), besides the lock files.
-OUTPUTS = (RUN_FILE, "checkpoints", "checkpoints_unusable", "metrics.jsonl", "metrics.jsonl.tmp",
-           "tensorboard", "curves.png")
+OUTPUTS = (RUN_FILE, f"{RUN_FILE}.tmp", "checkpoints", "checkpoints_unusable", "metrics.jsonl",
+           "metrics.jsonl.tmp", "tensorboard", "curves.png")
 
 
 @contextlib.contextmanager
