@@ -1,0 +1,144 @@
+"""Linear cross-entropy under jit: jaxce vs the naive logits version vs tokamax, time and memory.
+
+For each shape ``(N, D, V)`` and dtype it compiles ``jax.value_and_grad`` (w.r.t. hidden and
+weight, ``reduction="mean"``) of
+
+* ``jaxce``: ``jaxce.linear_cross_entropy(hidden, weight, labels, reduction="mean")``;
+* ``naive``: ``jaxce.sparse_cross_entropy(hidden @ weight, labels, reduction="mean")``, which
+  stores the ``[N, V]`` logits;
+* ``tokamax``: ``tokamax.linear_softmax_cross_entropy_loss(hidden, labels, weight,
+  reduction="mean", implementation="chunked_xla")`` when tokamax imports (it needs Python >= 3.12);
+
+prints each one's compiled temporary memory (``memory_analysis()``: exact, noise-free) and then
+times them interleaved, one call each per round in rotating order, so machine noise hits all
+alike. The table gives min and median wall time over rounds (and the process CPU time, a steadier
+figure on a shared machine) and ratios of minima (medians in brackets).
+
+    /work/venv312/bin/python benchmarks/bench_linear.py          # the issue's shapes, fp32 + bf16
+    /work/venv312/bin/python benchmarks/bench_linear.py --quick  # smoke run, seconds
+    python benchmarks/bench_linear.py --shapes 4096,1024,32768 --dtypes float32 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxce
+
+try:
+  import tokamax
+except ImportError:  # tokamax needs Python >= 3.12; the benchmark runs without it.
+  tokamax = None
+
+ISSUE_SHAPES = "4096,1024,32768;8192,1024,65536"
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--shapes", default=ISSUE_SHAPES, help="N,D,V[;N,D,V...]")
+  p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
+  p.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
+  p.add_argument("--impls", default="jaxce,naive,tokamax", help="which candidates to run")
+  p.add_argument("--token-chunk-size", type=int, default=None, help="jaxce token_chunk_size")
+  p.add_argument("--chunk-size", type=int, default=None, help="jaxce chunk_size")
+  p.add_argument("--memory-only", action="store_true", help="compile and report memory, no timing")
+  p.add_argument("--quick", action="store_true", help="one small shape, float32, 2 rounds")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.shapes, args.dtypes, args.rounds = "1024,256,8192", "float32", 2
+  args.shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
+  args.dtypes = [jnp.dtype(d) for d in args.dtypes.split(",") if d]
+  args.impls = [i for i in args.impls.split(",") if i]
+  return args
+
+
+def candidates(args, labels):
+  """``{name: loss(hidden, weight)}`` for the candidates that can run here."""
+  def ours(h, w):
+    return jaxce.linear_cross_entropy(h, w, labels, reduction="mean",
+                                      token_chunk_size=args.token_chunk_size,
+                                      chunk_size=args.chunk_size)
+
+  def naive(h, w):
+    return jaxce.sparse_cross_entropy(h @ w, labels, reduction="mean")
+
+  def chunked_xla(h, w):
+    return tokamax.linear_softmax_cross_entropy_loss(h, labels, w, reduction="mean",
+                                                     implementation="chunked_xla")
+
+  fns = {"jaxce": ours, "naive": naive}
+  if tokamax is not None:
+    fns["tokamax"] = chunked_xla
+  return {name: fn for name, fn in fns.items() if name in args.impls}
+
+
+def interleaved(calls, rounds):
+  """Times each ``fn()`` once per round, rotating the order; returns {name: ([wall], [cpu])}."""
+  names = list(calls)
+  out = {name: ([], []) for name in names}
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      wall, cpu = time.perf_counter(), time.process_time()
+      jax.block_until_ready(calls[name]())
+      out[name][0].append(time.perf_counter() - wall)
+      out[name][1].append(time.process_time() - cpu)
+  return out
+
+
+def ratio(a, b):
+  return f"{min(a) / min(b):.2f}x ({statistics.median(a) / statistics.median(b):.2f}x)"
+
+
+def run_case(args, n, d, v, dtype):
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(n, d)), dtype)
+  weight = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), dtype)
+  labels = jnp.asarray(rng.integers(0, v, size=(n,)), jnp.int32)
+  print(f"\n## N={n}, D={d}, V={v}, {dtype.name}: value_and_grad w.r.t. hidden and weight, "
+        f"reduction='mean'")
+  compiled, memory = {}, {}
+  for name, fn in candidates(args, labels).items():
+    step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+    compiled[name] = step.lower(hidden, weight).compile()
+    memory[name] = compiled[name].memory_analysis().temp_size_in_bytes / 2**20
+  losses = {name: float(c(hidden, weight)[0]) for name, c in compiled.items()}
+  if args.memory_only:
+    times = {}
+  else:
+    times = interleaved({name: (lambda c=c: c(hidden, weight)) for name, c in compiled.items()},
+                        args.rounds)
+  print("| | loss | compiled temp memory | wall min | wall median | CPU min |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for name in compiled:
+    wall, cpu = times.get(name, ([np.nan], [np.nan]))
+    print(f"| {name} | {losses[name]:.6f} | {memory[name]:.1f} MiB | {min(wall):.3f} s "
+          f"| {statistics.median(wall):.3f} s | {min(cpu):.3f} s |")
+  if times and "jaxce" in times:
+    for other in ("tokamax", "naive"):
+      if other in times:
+        print(f"jaxce / {other}: wall {ratio(times['jaxce'][0], times[other][0])}, "
+              f"CPU {ratio(times['jaxce'][1], times[other][1])}, "
+              f"memory {memory['jaxce'] / memory[other]:.2f}x")
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  print(f"# bench_linear: Python {platform.python_version()}, jax {jax.__version__}, "
+        f"tokamax {getattr(tokamax, '__version__', 'not installed')}, "
+        f"{jax.devices()[0].platform} x{jax.device_count()}, {args.rounds} rounds; "
+        f"argv: {' '.join(sys.argv[1:]) or '(defaults)'}")
+  for n, d, v in args.shapes:
+    for dtype in args.dtypes:
+      run_case(args, n, d, v, dtype)
+
+
+if __name__ == "__main__":
+  main()
