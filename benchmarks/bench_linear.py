@@ -49,7 +49,7 @@ def parse_args(argv=None):
   p.add_argument("--impls", default="jaxce,naive,tokamax", help="which candidates to run")
   p.add_argument("--token-chunk-size", type=int, default=None, help="jaxce token_chunk_size")
   p.add_argument("--chunk-size", type=int, default=None, help="jaxce chunk_size")
-  p.add_argument("--memory-only", action="store_true", help="compile and report memory, no timing")
+  p.add_argument("--memory-only", action="store_true", help="compile, report memory, run nothing")
   p.add_argument("--quick", action="store_true", help="one small shape, float32, 2 rounds")
   args = p.parse_args(argv)
   if args.quick:
@@ -109,19 +109,20 @@ def run_case(args, n, d, v, dtype):
     step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
     compiled[name] = step.lower(hidden, weight).compile()
     memory[name] = compiled[name].memory_analysis().temp_size_in_bytes / 2**20
-  losses = {name: float(c(hidden, weight)[0]) for name, c in compiled.items()}
   if args.memory_only:
-    times = {}
-  else:
-    times = interleaved({name: (lambda c=c: c(hidden, weight)) for name, c in compiled.items()},
-                        args.rounds)
+    for name in compiled:
+      print(f"| {name} | compiled temp memory {memory[name]:.1f} MiB |")
+    return
+  losses = {name: float(c(hidden, weight)[0]) for name, c in compiled.items()}
+  times = interleaved({name: (lambda c=c: c(hidden, weight)) for name, c in compiled.items()},
+                      args.rounds)
   print("| | loss | compiled temp memory | wall min | wall median | CPU min |")
   print("| --- | --- | --- | --- | --- | --- |")
   for name in compiled:
-    wall, cpu = times.get(name, ([np.nan], [np.nan]))
+    wall, cpu = times[name]
     print(f"| {name} | {losses[name]:.6f} | {memory[name]:.1f} MiB | {min(wall):.3f} s "
           f"| {statistics.median(wall):.3f} s | {min(cpu):.3f} s |")
-  if times and "jaxce" in times:
+  if "jaxce" in times:
     for other in ("tokamax", "naive"):
       if other in times:
         print(f"jaxce / {other}: wall {ratio(times['jaxce'][0], times[other][0])}, "
