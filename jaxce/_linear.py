@@ -574,7 +574,7 @@ def _block_grad(x, e, scales, w, index, start, mm_dtype) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------
-# The passes (local to a device; ``axis`` names the vocabulary axis when sharded).
+# The passes (local to a device; ``axes`` name the mesh axes when sharded).
 # ---------------------------------------------------------------------------
 
 
@@ -583,8 +583,9 @@ def _offset(params: _Params, axis):
   return 0 if axis is None else lax.axis_index(axis) * params.weight.shape[1]
 
 
-def _stats_pass(config: _Config, params: _Params, index, smooth: bool, axis) -> _Stats:
+def _stats_pass(config: _Config, params: _Params, index, smooth: bool, axes) -> _Stats:
   """Per-row statistics over the whole vocabulary, one ``[rows, cols]`` tile at a time."""
+  axis = _vocab_axis(axes)
   num_rows, num_classes = index.shape[0], params.weight.shape[1]
   dtype = _dtype(params)
   offset = _offset(params, axis)
@@ -603,12 +604,13 @@ def _stats_pass(config: _Config, params: _Params, index, smooth: bool, axis) -> 
   return _over(_empty(num_rows, dtype, smooth), num_rows, config.rows or _TILE_ROWS, token_block)
 
 
-def _grad_pass(config: _Config, params: _Params, rows: _Rows, stats: _Stats, g, axis) -> _Grads:
+def _grad_pass(config: _Config, params: _Params, rows: _Rows, stats: _Stats, g, axes) -> _Grads:
   """Gradients for per-row cotangents ``g``, recomputing each ``[rows, cols]`` tile.
 
   A repeated row of the last token block gets its hidden gradient again (the
   same value) and adds nothing to the others.
   """
+  axis = _vocab_axis(axes)
   num_rows, num_classes = rows.index.shape[0], params.weight.shape[1]
   dtype = _dtype(params)
   offset = _offset(params, axis)
@@ -638,16 +640,17 @@ def _grad_pass(config: _Config, params: _Params, rows: _Rows, stats: _Stats, g, 
 
   grads = _over(_zero_grads(params, dtype, want_w), num_rows, config.rows or _TILE_ROWS,
                 token_block)
-  return _reduce_grads(grads, axis, config.layout)
+  return _reduce_grads(grads, axes)
 
 
-def _fused_pass(config: _Config, params: _Params, rows: _Rows, axis):
+def _fused_pass(config: _Config, params: _Params, rows: _Rows, axes):
   """Per-row statistics and the gradients of ``Σ_n ℓ_n`` in one pass over the logits.
 
   Takes ``rows`` tokens at a time, forms their full rows of (local) logits,
   finishes their statistics and, while the block is live, turns it into its
   share of every gradient. Returns ``(stats, grads)``.
   """
+  axis = _vocab_axis(axes)
   num_rows, num_classes = rows.index.shape[0], params.weight.shape[1]
   dtype = _dtype(params)
   offset = _offset(params, axis)
@@ -682,18 +685,29 @@ def _fused_pass(config: _Config, params: _Params, rows: _Rows, axis):
 
   init = (_empty(num_rows, dtype, smooth), _zero_grads(params, dtype, want_w))
   stats, grads = _over(init, num_rows, block_rows, token_block)
-  return stats, _reduce_grads(grads, axis, config.layout)
+  return stats, _reduce_grads(grads, axes)
 
 
-def _reduce_grads(grads: _Grads, axis, layout: _Layout) -> _Grads:
+def _reduce_grads(grads: _Grads, axes) -> _Grads:
   """Sums the per-device partial gradients: hidden over the vocabulary, the rest over tokens."""
-  if axis is None:
+  if axes is None:
     return grads
-  hidden = lax.psum(grads.hidden, axis)
+  hidden = grads.hidden if axes.vocab is None else lax.psum(grads.hidden, axes.vocab)
   rest = grads._replace(hidden=None)
-  if layout.tokens:
-    rest = lax.psum(rest, layout.tokens)
+  if axes.tokens:
+    rest = lax.psum(rest, axes.tokens)
   return rest._replace(hidden=hidden)
+
+
+class _Axes(NamedTuple):
+  """Inside ``shard_map``: the mesh axes the vocabulary and the tokens are split over."""
+
+  vocab: tuple[str, ...] | None
+  tokens: tuple[str, ...]
+
+
+def _vocab_axis(axes: _Axes | None):
+  return None if axes is None else axes.vocab
 
 
 def _dtype(params: _Params):
@@ -706,7 +720,7 @@ def _dtype(params: _Params):
 
 
 def _sharded(layout: _Layout, fn: Callable, args, in_kinds, out_kinds):
-  """Runs ``fn(*args, axis)`` on one device, or per device under ``shard_map``.
+  """Runs ``fn(*args, axes)`` on one device (``axes`` None), or per device under ``shard_map``.
 
   ``in_kinds``/``out_kinds`` say, per argument/output, how its leaves are laid
   out: ``"rows"`` (first axis over the tokens), ``"cols"`` (last axis over the
@@ -727,7 +741,8 @@ def _sharded(layout: _Layout, fn: Callable, args, in_kinds, out_kinds):
   out_shape = jax.eval_shape(lambda *a: fn(*a, None), *args)  # structure only
   in_specs = tuple(specs(a, k) for a, k in zip(args, in_kinds, strict=True))
   out_specs = specs(out_shape, out_kinds)
-  return _shard_map(lambda *a: fn(*a, layout.vocab_axis), layout.mesh, in_specs, out_specs)(*args)
+  axes = _Axes(layout.vocab_axis, layout.tokens)
+  return _shard_map(lambda *a: fn(*a, axes), layout.mesh, in_specs, out_specs)(*args)
 
 
 def _shard_map(f, mesh, in_specs, out_specs):
@@ -752,7 +767,7 @@ _GRAD_KINDS = _Grads("hidden", "weight", "cols", "cols")
 def _stats(config, params, rows) -> _Stats:
   smooth = rows.target.smooth is not None
   return _sharded(config.layout,
-                  lambda p, idx, axis: _stats_pass(config, p, idx, smooth, axis),
+                  lambda p, idx, axes: _stats_pass(config, p, idx, smooth, axes),
                   (params, rows.index), (_PARAM_KINDS, _ROW_KINDS), _ROW_KINDS)
 
 
@@ -770,7 +785,7 @@ def _row_losses_fwd(config, params, rows):
 def _row_losses_bwd(config, residuals, g):
   params, rows, stats = residuals
   grads = _sharded(config.layout,
-                   lambda p, r, s, g, axis: _grad_pass(config, p, r, s, g, axis),
+                   lambda p, r, s, g, axes: _grad_pass(config, p, r, s, g, axes),
                    (params, rows, stats, g), (_PARAM_KINDS, _ROW_KINDS, _ROW_KINDS, _ROW_KINDS),
                    _GRAD_KINDS)
   d_target = _target_cotangent(rows.target, stats, _row_cotangent(rows, g))
@@ -788,7 +803,7 @@ def _summed_loss(config: _Config, params: _Params, rows: _Rows) -> jax.Array:
 
 def _summed_loss_fwd(config, params, rows):
   stats, grads = _sharded(config.layout,
-                          lambda p, r, axis: _fused_pass(config, p, r, axis),
+                          lambda p, r, axes: _fused_pass(config, p, r, axes),
                           (params, rows), (_PARAM_KINDS, _ROW_KINDS), (_ROW_KINDS, _GRAD_KINDS))
   g_rows = _row_cotangent(rows, jnp.ones(rows.index.shape, stats.label.dtype))
   loss = _common.pairwise_sum(_mask_losses(rows, _loss(rows.target, stats)))
