@@ -536,7 +536,6 @@ SHARDED_DRIVER = textwrap.dedent("""
           all_reduces=len(re.findall(r"all-reduce\\(|all-reduce-start\\(", hlo)),
           temp=compiled.memory_analysis().temp_size_in_bytes,
           grad_shardings=[str(g.sharding.spec) for g in got[1]])
-      # The plain scan under XLA's partitioner, for comparison (what the mesh path avoids).
     print(json.dumps(out))
 """)
 
