@@ -49,6 +49,13 @@ def parse_args(argv=None):
   p.add_argument("--impls", default="jaxce,naive,tokamax", help="which candidates to run")
   p.add_argument("--token-chunk-size", type=int, default=None, help="jaxce token_chunk_size")
   p.add_argument("--chunk-size", type=int, default=None, help="jaxce chunk_size")
+  p.add_argument("--accumulate", default=None, help="jaxce grad_accumulation_dtype")
+  p.add_argument("--variants", default="",
+                 help="extra jaxce settings to time beside the others, e.g. "
+                      "'t=1024,c=8192;acc=bfloat16' (t: token_chunk_size, c: chunk_size, "
+                      "acc: grad_accumulation_dtype)")
+  p.add_argument("--check", action="store_true",
+                 help="print each candidate's gradient error relative to the naive version's")
   p.add_argument("--memory-only", action="store_true", help="compile, report memory, run nothing")
   p.add_argument("--quick", action="store_true", help="one small shape, float32, 2 rounds")
   args = p.parse_args(argv)
@@ -57,27 +64,52 @@ def parse_args(argv=None):
   args.shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
   args.dtypes = [jnp.dtype(d) for d in args.dtypes.split(",") if d]
   args.impls = [i for i in args.impls.split(",") if i]
+  args.variants = [parse_variant(v) for v in args.variants.split(";") if v]
   return args
+
+
+_VARIANT_KEYS = {"t": "token_chunk_size", "c": "chunk_size", "acc": "grad_accumulation_dtype"}
+
+
+def parse_variant(text):
+  """``'t=1024,acc=bfloat16'`` -> ``{'token_chunk_size': 1024, 'grad_accumulation_dtype': ...}``."""
+  options = {}
+  for item in text.split(","):
+    key, _, value = item.partition("=")
+    if key not in _VARIANT_KEYS:
+      raise SystemExit(f"bench_linear: unknown variant key {key!r} in {text!r}; "
+                       f"use {', '.join(_VARIANT_KEYS)}")
+    options[_VARIANT_KEYS[key]] = value if key == "acc" else int(value)
+  return text, options
 
 
 def candidates(args, labels):
   """``{name: loss(hidden, weight)}`` for the candidates that can run here."""
-  def ours(h, w):
-    return jaxce.linear_cross_entropy(h, w, labels, reduction="mean",
-                                      token_chunk_size=args.token_chunk_size,
-                                      chunk_size=args.chunk_size)
+  def ours(**options):
+    return lambda h, w: jaxce.linear_cross_entropy(h, w, labels, reduction="mean", **options)
 
   def naive(h, w):
     return jaxce.sparse_cross_entropy(h @ w, labels, reduction="mean")
 
-  def chunked_xla(h, w):
-    return tokamax.linear_softmax_cross_entropy_loss(h, labels, w, reduction="mean",
-                                                     implementation="chunked_xla")
+  def naive_optax(h, w):
+    import optax  # noqa: PLC0415 (only for this candidate)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        (h @ w).astype(jnp.float32), labels).mean()
 
-  fns = {"jaxce": ours, "naive": naive}
+  def tokamax_impl(implementation):
+    return lambda h, w: tokamax.linear_softmax_cross_entropy_loss(
+        h, labels, w, reduction="mean", implementation=implementation)
+
+  fns = {"jaxce": ours(token_chunk_size=args.token_chunk_size, chunk_size=args.chunk_size,
+                       grad_accumulation_dtype=args.accumulate),
+         "naive": naive, "naive-optax": naive_optax}
   if tokamax is not None:
-    fns["tokamax"] = chunked_xla
-  return {name: fn for name, fn in fns.items() if name in args.impls}
+    fns["tokamax"] = tokamax_impl("chunked_xla")
+    fns["tokamax-xla"] = tokamax_impl("xla")
+  fns = {name: fn for name, fn in fns.items() if name in args.impls}
+  for text, options in args.variants:
+    fns[f"jaxce[{text}]"] = ours(**options)
+  return fns
 
 
 def interleaved(calls, rounds):
@@ -105,7 +137,10 @@ def run_case(args, n, d, v, dtype):
   print(f"\n## N={n}, D={d}, V={v}, {dtype.name}: value_and_grad w.r.t. hidden and weight, "
         f"reduction='mean'")
   compiled, memory = {}, {}
-  for name, fn in candidates(args, labels).items():
+  fns = candidates(args, labels)
+  if args.check:
+    check_gradients(fns, hidden, weight, labels)
+  for name, fn in fns.items():
     step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
     compiled[name] = step.lower(hidden, weight).compile()
     memory[name] = compiled[name].memory_analysis().temp_size_in_bytes / 2**20
@@ -122,12 +157,32 @@ def run_case(args, n, d, v, dtype):
     wall, cpu = times[name]
     print(f"| {name} | {losses[name]:.6f} | {memory[name]:.1f} MiB | {min(wall):.3f} s "
           f"| {statistics.median(wall):.3f} s | {min(cpu):.3f} s |")
-  if "jaxce" in times:
+  for ours in (name for name in times if name.startswith("jaxce")):
     for other in ("tokamax", "naive"):
       if other in times:
-        print(f"jaxce / {other}: wall {ratio(times['jaxce'][0], times[other][0])}, "
-              f"CPU {ratio(times['jaxce'][1], times[other][1])}, "
-              f"memory {memory['jaxce'] / memory[other]:.2f}x")
+        print(f"{ours} / {other}: wall {ratio(times[ours][0], times[other][0])}, "
+              f"CPU {ratio(times[ours][1], times[other][1])}, "
+              f"memory {memory[ours] / memory[other]:.2f}x")
+
+
+def check_gradients(fns, hidden, weight, labels):
+  """Prints max |g - g_ref| / max |g_ref| for the hidden and weight gradients.
+
+  The reference is the naive version computed in float32 from the same inputs.
+  """
+  wide = [jnp.asarray(a, jnp.float32) for a in (hidden, weight)]
+  def naive(h, w):
+    return jaxce.sparse_cross_entropy(h @ w, labels, reduction="mean")
+
+  ref = jax.jit(jax.grad(naive, argnums=(0, 1)))(*wide)
+  ref = [np.asarray(g) for g in ref]
+  for name, fn in fns.items():
+    grads = jax.jit(jax.grad(fn, argnums=(0, 1)))(hidden, weight)
+    errors = [float(np.max(np.abs(np.asarray(g, np.float32) - r)) / np.max(np.abs(r)))
+              for g, r in zip(grads, ref, strict=True)]
+    print(f"gradient error vs float32 naive: {name}: hidden {errors[0]:.2e}, "
+          f"weight {errors[1]:.2e}")
+    del grads
 
 
 def main(argv=None):

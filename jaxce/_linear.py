@@ -41,24 +41,44 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from jaxce import _common
 from jaxce import _core
 
 _FN = "jaxce.linear_cross_entropy"
 
-# Temporary memory the fused path may spend on one block of full logits rows
-# (``rows = _ROW_BLOCK_BYTES // (4 · V)``, at least 8; V per device). With the
-# [D, 1024] weight-gradient tile, loss + gradients compile to 25 MiB of
-# temporaries at (4096, 1024, 32768) and (8192, 1024, 65536) in float32, below
-# tokamax chunked_xla's 28 MiB. More rows per block means fewer passes over the
-# weight gradient (the fused path's main overhead): 160 rows ran 0.84x
-# tokamax's time at V = 32768 on the 2-core CPU, 128 rows 0.91x.
-_ROW_BLOCK_BYTES = 20 * 2**20
-# Vocabulary columns per weight-gradient tile (both paths) and per logits tile
-# (recompute path); tokens per tile of the recompute path.
-_COLS = 1024
-_TILE_ROWS = 1024
+# Block sizes per platform. ``row_bytes``: temporary memory the fused path may
+# spend on one block of full logits rows (``rows = row_bytes // (4 · V)``, at
+# least 8, V per device, split into even blocks); ``fused_cols``: vocabulary
+# columns per weight-gradient product of the fused path (None: all at once);
+# ``cols`` and ``tile_rows``: the [rows, cols] tiles of the recompute path.
+#
+# CPU: with the [D, 1024] weight-gradient tile, loss + gradients compile to
+# 25 MiB of temporaries at (4096, 1024, 32768) and (8192, 1024, 65536) in
+# float32, below tokamax chunked_xla's 28 MiB; more rows per block means fewer
+# passes over the weight gradient (the fused path's main overhead): 160 rows
+# ran 0.84x tokamax's time at V = 32768 on the 2-core CPU, 128 rows 0.91x.
+# GPU/TPU: blocks large enough to keep the matrix units busy. On an H200 at
+# (4096, 4096, 128256) bf16, 5 blocks of 824 rows with the whole-vocabulary
+# weight-gradient product ran 1.14x the naive time in 0.20x its temporary
+# memory with bf16 accumulation (0.43x tokamax chunked_xla's time); 4096-column
+# tiles or 256-row blocks were slower (each loop step adds a fixed cost).
+class _Blocks(NamedTuple):
+  row_bytes: int
+  cols: int
+  tile_rows: int
+  fused_cols: int | None  # weight-gradient tile of the fused path (None: all columns)
+
+
+_BLOCKS = {
+    "cpu": _Blocks(row_bytes=20 * 2**20, cols=1024, tile_rows=1024, fused_cols=1024),
+    "accelerator": _Blocks(row_bytes=480 * 2**20, cols=8192, tile_rows=1024, fused_cols=None),
+}
+
+
+def _blocks(platform: str) -> _Blocks:
+  return _BLOCKS["cpu" if platform == "cpu" else "accelerator"]
 
 
 def linear_cross_entropy(
@@ -75,6 +95,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     chunk_size: int | None = None,
     token_chunk_size: int | None = None,
+    grad_accumulation_dtype: DTypeLike | None = None,
     mesh: jax.sharding.Mesh | None = None,
     token_axes: str | tuple[str, ...] | None = None,
     vocab_axis: str | tuple[str, ...] | None = None,
@@ -129,9 +150,17 @@ def linear_cross_entropy(
       ``False`` examples count as ignored.
     reduction: ``"none"`` (default, as optax), ``"mean"`` or ``"sum"``.
     z_loss: coefficient :math:`\zeta \ge 0` of the ``lse²`` term (PaLM).
-    chunk_size: vocabulary columns per tile (default 1024; need not divide V).
-    token_chunk_size: tokens per block (default: as many full rows of logits
-      as fit in 20 MiB for the scalar reductions, 1024 for ``"none"``).
+    chunk_size: vocabulary columns per tile (need not divide V). Default on
+      CPU 1024; on GPU/TPU 8192, and the whole vocabulary for the fused
+      path's weight-gradient product.
+    token_chunk_size: tokens per block. Default for the scalar reductions:
+      the fewest even blocks whose float32 logits rows fit in 20 MiB on CPU,
+      480 MiB on GPU/TPU; 1024 for ``"none"``.
+    grad_accumulation_dtype: dtype of the weight- and bias-gradient
+      accumulators summed over token blocks (default: float32, float64 for
+      float64 inputs). ``jnp.bfloat16`` with bf16 weights halves that
+      ``[D, V]`` buffer, as Liger's kernel does, at one bf16 rounding per
+      token block.
     mesh: a :class:`jax.sharding.Mesh` to run vocabulary-parallel on, or None.
     token_axes: mesh axis name(s) that split the tokens (with ``mesh``).
     vocab_axis: mesh axis name(s) that split the vocabulary (with ``mesh``).
@@ -192,8 +221,28 @@ def linear_cross_entropy(
       rows=_block_option(token_chunk_size, "token_chunk_size", fn),
       cols=_block_option(chunk_size, "chunk_size", fn),
       layout=layout,
+      accumulate=_accumulation_option(grad_accumulation_dtype, fn),
+      platform=_platform(mesh),
   )
   return _linear(config, hidden, weight, bias, w, labels, mask, smoothing, z)
+
+
+def _platform(mesh) -> str:
+  """The platform the computation runs on, which picks the default block sizes."""
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+def _accumulation_option(value: Any, fn: str) -> str | None:
+  if value is None:
+    return None
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{fn}: grad_accumulation_dtype must be a floating-point dtype or None; "
+                    f"got {value!r}.")
+  return dtype.name
 
 
 def _block_option(value: Any, name: str, fn: str) -> int | None:
@@ -262,6 +311,36 @@ class _Config(NamedTuple):
   rows: int | None
   cols: int | None
   layout: _Layout
+  accumulate: str | None = None  # dtype name of the weight/bias gradient accumulators
+  platform: str = "cpu"  # picks the default block sizes
+
+  @property
+  def tile_cols(self) -> int:
+    """Vocabulary columns per tile."""
+    return self.cols or _blocks(self.platform).cols
+
+  @property
+  def tile_rows(self) -> int:
+    """Tokens per tile of the recompute path (``reduction="none"``)."""
+    return self.rows or _blocks(self.platform).tile_rows
+
+  def fused_cols(self, num_classes: int) -> int:
+    """Vocabulary columns per weight-gradient tile of the fused path."""
+    return self.cols or _blocks(self.platform).fused_cols or num_classes
+
+  def fused_rows(self, num_rows: int, num_classes: int, dtype) -> int:
+    """Tokens per block of full logits rows in the fused path.
+
+    By default the fewest blocks whose float32 logits fit the platform's
+    budget, split evenly (rounded up to a multiple of 8), so that no block
+    mostly repeats its predecessor's rows.
+    """
+    if self.rows:
+      return self.rows
+    most = max(8, _blocks(self.platform).row_bytes // (num_classes * jnp.dtype(dtype).itemsize))
+    count = -(-num_rows // most)
+    rows = -(-num_rows // max(count, 1))
+    return min(most, rows + (-rows) % 8) if rows > 8 else 8
 
 
 # ---------------------------------------------------------------------------
@@ -479,9 +558,12 @@ def _add_rows(array, part, start):
 
 
 def _add_cols(array, part, start):
+  """``array[..., start:start + size] += part``, added in ``part``'s dtype and rounded once."""
+  if part.shape[-1] == array.shape[-1]:
+    return (array.astype(part.dtype) + part).astype(array.dtype)
   old = lax.dynamic_slice_in_dim(array, start, part.shape[-1], array.ndim - 1)
-  return lax.dynamic_update_slice_in_dim(array, old + part.astype(array.dtype), start,
-                                         array.ndim - 1)
+  new = (old.astype(part.dtype) + part).astype(array.dtype)
+  return lax.dynamic_update_slice_in_dim(array, new, start, array.ndim - 1)
 
 
 def _logits(hidden, weight, bias, start, size, dtype):
@@ -505,7 +587,9 @@ class _Grads(NamedTuple):
   """Gradient accumulators (None: not wanted).
 
   ``hidden`` has the hidden's dtype: each row is written once, when its block
-  is done. The others accumulate over token blocks in the compute dtype.
+  is done. The others accumulate over token blocks in the compute dtype, or
+  ``weight`` and ``bias`` in ``grad_accumulation_dtype`` when one is given
+  (each block's share is still summed in float32 and rounded once).
   """
 
   hidden: jax.Array
@@ -514,11 +598,12 @@ class _Grads(NamedTuple):
   w: jax.Array | None
 
 
-def _zero_grads(params: _Params, dtype, want_w: bool) -> _Grads:
+def _zero_grads(config: _Config, params: _Params, dtype, want_w: bool) -> _Grads:
+  acc = config.accumulate or dtype
   return _Grads(
       jnp.zeros(params.hidden.shape, params.hidden.dtype),
-      jnp.zeros(params.weight.shape, dtype),
-      None if params.bias is None else jnp.zeros(params.bias.shape, dtype),
+      jnp.zeros(params.weight.shape, acc),
+      None if params.bias is None else jnp.zeros(params.bias.shape, acc),
       jnp.zeros(params.w.shape, dtype) if want_w else None,
   )
 
@@ -539,17 +624,23 @@ def _hidden_grad(dl_mm, weight_cols, dtype):
   return lax.optimization_barrier(d_h).T
 
 
-def _add_weight_tile(grads: _Grads, hidden_fresh, dl_mm, start, skip) -> _Grads:
+def _add_weight_tile(grads: _Grads, hidden_fresh, dl_mm, start, skip, platform: str) -> _Grads:
   """Adds the weight and bias gradients of a ``[R, size]`` tile of the logits gradient.
 
   Rows before ``skip`` repeat an earlier block's and add nothing (their
-  ``hidden_fresh`` rows are zero).
+  ``hidden_fresh`` rows are zero). The tile's product is summed in float32 and
+  added to a low-precision accumulator with one rounding: on CPU as a float32
+  add; on GPU/TPU the product is asked for in the accumulator's dtype so that
+  the add folds into the matmul's epilogue (``C + A·B`` in float32, rounded
+  once, with no ``[D, size]`` float32 temporary).
   """
+  product_dtype = (_common.compute_dtype(grads.weight.dtype) if platform == "cpu"
+                   else grads.weight.dtype)
   d_w = lax.dot_general(hidden_fresh, dl_mm, (((0,), (0,)), ((), ())),
-                        preferred_element_type=grads.weight.dtype)
+                        preferred_element_type=product_dtype)
   grads = grads._replace(weight=_add_cols(grads.weight, d_w, start))
   if grads.bias is not None:
-    d_b = jnp.sum(_fresh_rows(dl_mm, skip), axis=0, dtype=grads.bias.dtype)
+    d_b = jnp.sum(_fresh_rows(dl_mm, skip), axis=0, dtype=_common.compute_dtype(grads.bias.dtype))
     grads = grads._replace(bias=_add_cols(grads.bias, d_b, start))
   return grads
 
@@ -598,10 +689,10 @@ def _stats_pass(config: _Config, params: _Params, index, smooth: bool, axes) -> 
       x, idx_c = _fresh_columns(x, idx, c0, skip)
       return _merge(acc, _block_stats(x, idx_c, c0, _cols(params.w, c0, cols), smooth)[0])
 
-    stats = _over(_empty(size, dtype, smooth), num_classes, config.cols or _COLS, tile)
+    stats = _over(_empty(size, dtype, smooth), num_classes, config.tile_cols, tile)
     return _put_rows(out, _combine(stats, axis), start)
 
-  return _over(_empty(num_rows, dtype, smooth), num_rows, config.rows or _TILE_ROWS, token_block)
+  return _over(_empty(num_rows, dtype, smooth), num_rows, config.tile_rows, token_block)
 
 
 def _grad_pass(config: _Config, params: _Params, rows: _Rows, stats: _Stats, g, axes) -> _Grads:
@@ -632,13 +723,13 @@ def _grad_pass(config: _Config, params: _Params, rows: _Rows, stats: _Stats, g, 
             grads.w, _class_weight_grad(x, sc_fresh, st.row.safe_lse), c0))
       dl_mm = _block_grad(x, e, sc, _cols(params.w, c0, cols), idx_c, c0, mm_dtype)
       d_h = d_h + _hidden_grad(dl_mm, _cols(params.weight, c0, cols), dtype)
-      return _add_weight_tile(grads, h_fresh, dl_mm, c0, row_skip), d_h
+      return _add_weight_tile(grads, h_fresh, dl_mm, c0, row_skip, config.platform), d_h
 
     d_h = jnp.zeros(h.shape, dtype)
-    grads, d_h = _over((grads, d_h), num_classes, config.cols or _COLS, tile)
+    grads, d_h = _over((grads, d_h), num_classes, config.tile_cols, tile)
     return grads._replace(hidden=_put_rows(grads.hidden, d_h, start))
 
-  grads = _over(_zero_grads(params, dtype, want_w), num_rows, config.rows or _TILE_ROWS,
+  grads = _over(_zero_grads(config, params, dtype, want_w), num_rows, config.tile_rows,
                 token_block)
   return _reduce_grads(grads, axes)
 
@@ -656,7 +747,7 @@ def _fused_pass(config: _Config, params: _Params, rows: _Rows, axes):
   offset = _offset(params, axis)
   smooth = rows.target.smooth is not None
   want_w = params.w is not None and smooth
-  block_rows = config.rows or max(8, _ROW_BLOCK_BYTES // (num_classes * jnp.dtype(dtype).itemsize))
+  block_rows = config.fused_rows(num_rows, num_classes, dtype)
   g = _row_cotangent(rows, jnp.ones(num_rows, dtype))
   mm_dtype = _mm_dtype(params)
 
@@ -678,12 +769,13 @@ def _fused_pass(config: _Config, params: _Params, rows: _Rows, axes):
     dl_mm = _block_grad(x, e, scales, params.w, idx, 0, mm_dtype)
     grads = grads._replace(hidden=_put_rows(
         grads.hidden, _hidden_grad(dl_mm, params.weight, dtype), start))
-    grads = _over(grads, num_classes, config.cols or _COLS,
+    grads = _over(grads, num_classes, config.fused_cols(num_classes),
                   lambda gr, c0, cols, col_skip: _add_weight_tile(
-                      gr, h_fresh, _zero_columns(_cols(dl_mm, c0, cols), col_skip), c0, row_skip))
+                      gr, h_fresh, _zero_columns(_cols(dl_mm, c0, cols), col_skip), c0, row_skip,
+                      config.platform))
     return _put_rows(out, stats, start), grads
 
-  init = (_empty(num_rows, dtype, smooth), _zero_grads(params, dtype, want_w))
+  init = (_empty(num_rows, dtype, smooth), _zero_grads(config, params, dtype, want_w))
   stats, grads = _over(init, num_rows, block_rows, token_block)
   return stats, _reduce_grads(grads, axes)
 

@@ -54,8 +54,8 @@ class TestChecked(chex.TestCase):
   def test_raises_for_label_hidden_by_where(self):
     fn = jax.jit(lambda x, y, m: jaxce.sparse_cross_entropy(x, y, where=m))
     where = jnp.array([True, True, False, True])
-    with pytest.raises(checkify.JaxRuntimeError, match=r"labels must be in \[0, 4\), and be a class "
-                       r"that `where` keeps; got 1 bad label"):
+    message = r"labels must be in \[0, 4\), and be a class that `where` keeps; got 1 bad label"
+    with pytest.raises(checkify.JaxRuntimeError, match=message):
       jaxce.checked(fn)(LOGITS, jnp.array([0, 2, 1]), where)
 
   def test_raises_for_vmapped_functions(self):

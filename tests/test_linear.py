@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import chex
 import jax
@@ -361,6 +362,38 @@ class LinearCrossEntropyTest(parameterized.TestCase):
     for g, r in zip(grads, ref_grads, strict=True):
       np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=2e-2, atol=2e-3)
 
+  @parameterized.product(reduction=("mean", "none"), platform=("cpu", "gpu"))
+  def test_low_precision_gradient_accumulation(self, reduction, platform):
+    # bf16 weight/bias accumulators over 6 token blocks: the same loss and hidden gradient, a
+    # weight gradient within a few bf16 roundings of the float32-accumulated one. "gpu" runs the
+    # accelerator's code path (the product asked for in bf16, for the matmul epilogue) on CPU.
+    hidden, weight, bias, labels = _inputs(n=64, v=300, dtype=jnp.bfloat16)
+
+    def run(acc):
+      return jax.jit(lambda h, w, b: _value_and_grads(
+          lambda h, w, b: jaxce.linear_cross_entropy(
+              h, w, labels, bias=b, token_chunk_size=11, label_smoothing=0.1,
+              reduction=reduction, grad_accumulation_dtype=acc),
+          h, w, b, _cotangent(64)))(hidden, weight, bias)
+
+    with mock.patch.object(_linear, "_platform", return_value=platform):
+      (loss, grads), (ref_loss, ref_grads) = run(jnp.bfloat16), run(None)
+    chex.assert_trees_all_equal(loss, ref_loss)
+    chex.assert_trees_all_equal(grads[0], ref_grads[0])
+    self.assertEqual([g.dtype for g in grads], [jnp.bfloat16] * 3)
+    for g, r in zip(grads[1:], ref_grads[1:], strict=True):
+      g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+      np.testing.assert_allclose(g, r, rtol=0, atol=6 * 2.0**-8 * np.max(np.abs(r)))
+
+  def test_accelerator_defaults_match(self):
+    # The accelerator's default blocks (whole-vocabulary weight-gradient tile) on CPU.
+    hidden, weight, bias, labels = _inputs(v=300)
+    with mock.patch.object(_linear, "_platform", return_value="gpu"):
+      for reduction in ("mean", "none"):
+        ours, ref = _ours_and_ref(hidden, weight, bias, labels, reduction=reduction,
+                                  label_smoothing=0.1)
+        chex.assert_trees_all_close(ours, ref, rtol=2e-5, atol=2e-6)
+
   def test_label_dtypes(self):
     hidden, weight, _, labels = _inputs()
     ref = jaxce.linear_cross_entropy(hidden, weight, labels)
@@ -418,6 +451,10 @@ class LinearCrossEntropyTest(parameterized.TestCase):
       ("chunk_float", dict(chunk_size=2.0), ValueError, "chunk_size must be a positive int"),
       ("token_chunk_bool", dict(token_chunk_size=True), ValueError,
        "token_chunk_size must be a positive int"),
+      ("accumulation_int", dict(grad_accumulation_dtype="int32"), TypeError,
+       "grad_accumulation_dtype must be a floating-point dtype"),
+      ("accumulation_name", dict(grad_accumulation_dtype="float33"), TypeError,
+       "grad_accumulation_dtype must be a floating-point dtype"),
       ("reduction", dict(reduction="avg"), ValueError, "'none', 'mean', 'sum'; got 'avg'"),
       ("smoothing", dict(label_smoothing=1.5), ValueError, "label_smoothing must be"),
       ("z_loss", dict(z_loss=-1.0), ValueError, "z_loss must be"),
@@ -474,6 +511,29 @@ class LinearCrossEntropyMemoryTest(parameterized.TestCase):
     # outputs); recompute path: [rows, cols] tiles. Plus O(N) per-row numbers.
     block = rows * v * 4 if reduction == "mean" else 3 * rows * cols * 4
     self.assertLess(self.temp_bytes(ours, n, d, v), 2 * block + 3 * d * cols * 4 + 64 * n)
+
+  @parameterized.parameters(("cpu", 4096, 32768, 160), ("cpu", 8192, 65536, 80),
+                            ("gpu", 4096, 128256, 824), ("gpu", 4096, 32768, 2048),
+                            ("cpu", 300, 1000, 304), ("cpu", 5, 10, 8))
+  def test_default_fused_blocks_are_even_and_within_budget(self, platform, n, v, rows):
+    config = _linear._Config("mean", None, None, None, _linear._Layout(), platform=platform)
+    got = config.fused_rows(n, v, jnp.float32)
+    self.assertEqual(got, rows)
+    budget = _linear._blocks(platform).row_bytes
+    self.assertLessEqual(min(got, n) * v * 4, max(budget, 8 * v * 4))
+    blocks = -(-n // got)
+    self.assertLess(blocks * got - n, 8 * blocks)  # overlap: under 8 rows per block
+
+  def test_low_precision_accumulation_saves_the_weight_sized_buffer(self):
+    n, d, v = 256, 64, 4096
+
+    def ours(acc):
+      return lambda h, w, y: jaxce.linear_cross_entropy(h, w, y, reduction="mean",
+                                                        grad_accumulation_dtype=acc)
+
+    wide = self.temp_bytes(ours(None), n, d, v, jnp.bfloat16)
+    narrow = self.temp_bytes(ours(jnp.bfloat16), n, d, v, jnp.bfloat16)
+    self.assertGreater(wide - narrow, 0.9 * d * v * 4)  # the float32 [D, V] accumulator
 
   def test_default_block_fits_the_budget(self):
     # At a real vocabulary the default fused block stays within tokamax chunked_xla's 28 MiB.
