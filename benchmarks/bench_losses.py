@@ -20,11 +20,18 @@ table gives the minimum and the median over rounds, and ratios of minima (median
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import os
+import pathlib
 import platform
+import re
 import shlex
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 
 import jax
@@ -49,6 +56,9 @@ def parse_args(argv=None):
   p.add_argument("--n", type=int, default=4096, help="sparse CE rows")
   p.add_argument("--c", type=int, default=32000, help="sparse CE classes")
   p.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+  p.add_argument("--baseline", default=None, metavar="REV",
+                 help="also time the jaxce of git revision REV (e.g. 97dc1df), side by side, "
+                      "to check for regressions")
   args = p.parse_args(argv)
   if args.quick:
     args.n, args.c = min(args.n, 512), min(args.c, 4096)
@@ -66,6 +76,26 @@ def interleaved(candidates, rounds):
       candidates[name]()
       times[name].append(time.perf_counter() - start)
   return times
+
+
+def import_baseline(rev):
+  """Imports the ``jaxce`` package of git revision ``rev`` as a module named ``jaxce_baseline``."""
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  try:
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "jaxce"],
+                             check=True, capture_output=True).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    why = (getattr(e, "stderr", b"") or b"").decode().strip() or e
+    raise SystemExit(f"bench_losses: cannot read revision {rev!r}: {why}") from e
+  root = pathlib.Path(tempfile.mkdtemp(prefix="jaxce_baseline_"))
+  with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+    tar.extractall(root, filter="data")
+  package = root / "jaxce_baseline"
+  (root / "jaxce").rename(package)
+  for path in package.glob("*.py"):  # its absolute imports name the renamed package
+    path.write_text(re.sub(r"\bjaxce\b(?=[._ ])", "jaxce_baseline", path.read_text()))
+  sys.path.insert(0, str(root))
+  return importlib.import_module("jaxce_baseline")
 
 
 def jax_call(fn, *args):
@@ -110,6 +140,11 @@ def bench_sparse(args):
   def theirs(x):
     return optax.softmax_cross_entropy_with_integer_labels(x, labels).mean()
 
+  baseline = import_baseline(args.baseline) if args.baseline else None
+
+  def old(x):
+    return baseline.sparse_cross_entropy(x, labels, reduction="mean")
+
   def floor_read(x):
     return x.max(axis=1)
 
@@ -127,6 +162,9 @@ def bench_sparse(args):
       "optax": jax_call(jax.value_and_grad(theirs), logits),
       "floor: read+write": jax_call(floor_read_write, logits),
   }
+  if baseline is not None:
+    fwd["jaxce@baseline"] = jax_call(old, logits)
+    bwd["jaxce@baseline"] = jax_call(jax.value_and_grad(old), logits)
   if torch is not None and not args.no_torch:
     x_t, y_t = torch.from_numpy(logits_np), torch.from_numpy(labels_np).long()
     xg_t = x_t.clone().requires_grad_(True)
@@ -144,7 +182,7 @@ def bench_sparse(args):
 
   # Check the candidates agree before timing them.
   ref = float(theirs(logits))
-  for fn in (ours, max_shift):
+  for fn in (ours, max_shift) + ((old,) if baseline else ()):
     got = float(fn(logits))
     assert abs(got - ref) <= 1e-5 * abs(ref), (got, ref)
 
@@ -162,6 +200,8 @@ def bench_sparse(args):
     if "torch" in times:
       print(ratio_line("jaxce / torch", times, "jaxce", "torch", targets[1]))
     print(ratio_line(f"jaxce / {floor}", times, "jaxce", floor, targets[2]))
+    if "jaxce@baseline" in times:
+      print(ratio_line(f"jaxce / jaxce@{args.baseline}", times, "jaxce", "jaxce@baseline", 1.03))
     if "jaxce max-shift" in times:
       print(ratio_line("jaxce / jaxce max-shift (pivot)", times, "jaxce", "jaxce max-shift", 0.95))
     print(ratio_line(f"optax / {floor}", times, "optax", floor))
