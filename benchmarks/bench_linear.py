@@ -125,6 +125,11 @@ def interleaved(calls, rounds):
   return out
 
 
+def seconds(t):
+  """``1.234 s`` or, under a second, ``23.45 ms``."""
+  return f"{t:.3f} s" if t >= 1 else f"{t * 1e3:.2f} ms"
+
+
 def ratio(a, b):
   return f"{min(a) / min(b):.2f}x ({statistics.median(a) / statistics.median(b):.2f}x)"
 
@@ -155,8 +160,8 @@ def run_case(args, n, d, v, dtype):
   print("| --- | --- | --- | --- | --- | --- |")
   for name in compiled:
     wall, cpu = times[name]
-    print(f"| {name} | {losses[name]:.6f} | {memory[name]:.1f} MiB | {min(wall):.3f} s "
-          f"| {statistics.median(wall):.3f} s | {min(cpu):.3f} s |")
+    print(f"| {name} | {losses[name]:.6f} | {memory[name]:.1f} MiB | {seconds(min(wall))} "
+          f"| {seconds(statistics.median(wall))} | {seconds(min(cpu))} |")
   for ours in (name for name in times if name.startswith("jaxce")):
     for other in ("tokamax", "naive"):
       if other in times:
