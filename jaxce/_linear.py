@@ -629,13 +629,13 @@ def _add_weight_tile(grads: _Grads, hidden_fresh, dl_mm, start, skip, platform: 
 
   Rows before ``skip`` repeat an earlier block's and add nothing (their
   ``hidden_fresh`` rows are zero). The tile's product is summed in float32 and
-  added to a low-precision accumulator with one rounding: on CPU as a float32
-  add; on GPU/TPU the product is asked for in the accumulator's dtype so that
-  the add folds into the matmul's epilogue (``C + A·B`` in float32, rounded
+  added to a low-precision accumulator with one rounding: as a float32 add, or
+  on GPU by asking for the product in the accumulator's dtype so that XLA folds
+  the add into the cuBLAS matmul's epilogue (``C + A·B`` in float32, rounded
   once, with no ``[D, size]`` float32 temporary).
   """
-  product_dtype = (_common.compute_dtype(grads.weight.dtype) if platform == "cpu"
-                   else grads.weight.dtype)
+  product_dtype = (grads.weight.dtype if platform == "gpu"
+                   else _common.compute_dtype(grads.weight.dtype))
   d_w = lax.dot_general(hidden_fresh, dl_mm, (((0,), (0,)), ((), ())),
                         preferred_element_type=product_dtype)
   grads = grads._replace(weight=_add_cols(grads.weight, d_w, start))
