@@ -345,7 +345,11 @@ class GradScales(NamedTuple):
 
 def grad_scales(target: Target, stats: RowStats, smooth: SmoothStats | None,
                 g: jax.Array) -> GradScales:
-  """:class:`GradScales` for cotangent ``g [...]``: ``(Q + 2 z lse)·g/total`` and the rest."""
+  """:class:`GradScales` for cotangent ``g [...]``: ``(Q + 2 z lse)·g/total`` and the rest.
+
+  Rows of zero cotangent get exactly 0 in every factor (no ``0·inf`` or
+  ``0·NaN`` from a row that does not count).
+  """
   coef = target.on_label
   per_class = None
   if target.smooth is not None:
@@ -353,7 +357,9 @@ def grad_scales(target: Target, stats: RowStats, smooth: SmoothStats | None,
     coef = coef + _common.safe_divide(target.smooth * smooth.wsum, smooth.count)
   if target.z is not None:
     coef = coef + 2.0 * target.z * stats.safe_lse
-  return GradScales(_common.safe_divide(g * coef, stats.total), per_class, g * target.on_label)
+  scales = GradScales(_common.safe_divide(g * coef, stats.total), per_class, g * target.on_label)
+  unused = g == 0
+  return GradScales(*(None if f is None else jnp.where(unused, 0.0, f) for f in scales))
 
 
 def logits_grad(

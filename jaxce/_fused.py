@@ -51,13 +51,6 @@ def _zero_where_unused(g: jax.Array, value: jax.Array) -> jax.Array:
   return jnp.where(g == 0, 0.0, g * value)
 
 
-def _scales_for(target, stats, smooth, g) -> _core.GradScales:
-  """:func:`_core.grad_scales` with rows of zero cotangent kept exactly 0 (no ``0·NaN``)."""
-  scales = _core.grad_scales(target, stats, smooth, g)
-  unused = g == 0
-  return _core.GradScales(*(None if s is None else jnp.where(unused, 0.0, s) for s in scales))
-
-
 # ---------------------------------------------------------------------------
 # Integer labels: q = on_label·onehot(label) + (smooth/count)·w·possible.
 # ---------------------------------------------------------------------------
@@ -206,7 +199,7 @@ def _sparse_bwd(pivot, res: _SparseResiduals, g):
     e = _core.row_stats(xm, jnp.where(res.live, res.stats.shift, jnp.inf))[1]
   # The backward divides by the forward's own total (1 on the fast path's dead rows).
   stats = RowStats(res.stats.shift, jnp.where(res.live, res.stats.total, 1.0))
-  scales = _scales_for(res.target, stats, res.smooth, g)
+  scales = _core.grad_scales(res.target, stats, res.smooth, g)
   w = None if res.class_weights is None else res.class_weights.astype(dtype)
   possible = None if xm is None else xm > -jnp.inf
   gx = _core.logits_grad(e, scales, res.labels, possible=possible, weights=w)
@@ -273,7 +266,7 @@ def _dense_bwd(res: _DenseResiduals, g):
   xm = _core.masked(res.x, res.mask).astype(res.q.dtype)
   rows = g.shape
   target = Target(res.q_sum, None, res.z)
-  scales = _scales_for(target, res.stats, None, g)
+  scales = _core.grad_scales(target, res.stats, None, g)
   e = _core.row_stats(xm, res.stats.shift)[1]
   flat = (math.prod(rows), xm.shape[-1])
   gx = _core.logits_grad(e.reshape(flat), _core.GradScales(scales.probs.reshape(-1), None, None),
