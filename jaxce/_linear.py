@@ -62,8 +62,9 @@ _FN = "jaxce.linear_cross_entropy"
 # GPU/TPU: blocks large enough to keep the matrix units busy. On an H200 at
 # (4096, 4096, 128256) bf16, 5 blocks of 824 rows with the whole-vocabulary
 # weight-gradient product ran 1.14x the naive time in 0.20x its temporary
-# memory with bf16 accumulation (0.43x tokamax chunked_xla's time); 512-row
-# blocks ran 1.16x, 16384-column weight-gradient tiles 1.26x.
+# memory with bf16 accumulation, the default there for bf16 weights (0.43x
+# tokamax chunked_xla's time; with a float32 accumulator 1.24x in 0.74x);
+# 512-row blocks ran 1.16x, 16384-column weight-gradient tiles 1.26x.
 class _Blocks(NamedTuple):
   row_bytes: int
   cols: int
@@ -157,10 +158,11 @@ def linear_cross_entropy(
       the fewest even blocks whose float32 logits rows fit in 20 MiB on CPU,
       480 MiB on GPU/TPU; 1024 for ``"none"``.
     grad_accumulation_dtype: dtype of the weight- and bias-gradient
-      accumulators summed over token blocks (default: float32, float64 for
-      float64 inputs). ``jnp.bfloat16`` with bf16 weights halves that
-      ``[D, V]`` buffer, as Liger's kernel does, at one bf16 rounding per
-      token block.
+      accumulators summed over token blocks. Default on CPU: float32 (float64
+      for float64 inputs). Default on GPU/TPU: a bf16/fp16 parameter's own
+      dtype, as Liger's kernel does: it halves the ``[D, V]`` buffer at one
+      rounding per token block (each block's product is summed in float32);
+      pass ``jnp.float32`` for float32 accumulation.
     mesh: a :class:`jax.sharding.Mesh` to run vocabulary-parallel on, or None.
     token_axes: mesh axis name(s) that split the tokens (with ``mesh``).
     vocab_axis: mesh axis name(s) that split the vocabulary (with ``mesh``).
@@ -323,6 +325,20 @@ class _Config(NamedTuple):
   def tile_rows(self) -> int:
     """Tokens per tile of the recompute path (``reduction="none"``)."""
     return self.rows or _blocks(self.platform).tile_rows
+
+  def accumulator(self, param_dtype, dtype) -> jnp.dtype:
+    """Dtype of a weight or bias gradient summed over token blocks.
+
+    ``grad_accumulation_dtype`` when given. Otherwise, on GPU/TPU, a 16-bit
+    parameter's own dtype (Liger's choice: the fused path's few large blocks
+    add one rounding each, and a float32 ``[D, V]`` buffer would cost more than
+    the blocks themselves); everywhere else the compute dtype.
+    """
+    if self.accumulate:
+      return jnp.dtype(self.accumulate)
+    if self.platform != "cpu" and jnp.dtype(param_dtype).itemsize < 4:
+      return jnp.dtype(param_dtype)
+    return jnp.dtype(dtype)
 
   def fused_cols(self, num_classes: int) -> int:
     """Vocabulary columns per weight-gradient tile of the fused path."""
@@ -587,11 +603,11 @@ class _Grads(NamedTuple):
 
 
 def _zero_grads(config: _Config, params: _Params, dtype, want_w: bool) -> _Grads:
-  acc = config.accumulate or dtype
   return _Grads(
       jnp.zeros(params.hidden.shape, params.hidden.dtype),
-      jnp.zeros(params.weight.shape, acc),
-      None if params.bias is None else jnp.zeros(params.bias.shape, acc),
+      jnp.zeros(params.weight.shape, config.accumulator(params.weight.dtype, dtype)),
+      None if params.bias is None else jnp.zeros(
+          params.bias.shape, config.accumulator(params.bias.dtype, dtype)),
       jnp.zeros(params.w.shape, dtype) if want_w else None,
   )
 

@@ -377,13 +377,36 @@ class LinearCrossEntropyTest(parameterized.TestCase):
           h, w, b, _cotangent(64)))(hidden, weight, bias)
 
     with mock.patch.object(_linear, "_platform", return_value=platform):
-      (loss, grads), (ref_loss, ref_grads) = run(jnp.bfloat16), run(None)
+      (loss, grads), (ref_loss, ref_grads) = run(jnp.bfloat16), run(jnp.float32)
     chex.assert_trees_all_equal(loss, ref_loss)
     chex.assert_trees_all_equal(grads[0], ref_grads[0])
     self.assertEqual([g.dtype for g in grads], [jnp.bfloat16] * 3)
     for g, r in zip(grads[1:], ref_grads[1:], strict=True):
       g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
       np.testing.assert_allclose(g, r, rtol=0, atol=6 * 2.0**-8 * np.max(np.abs(r)))
+
+  @parameterized.product(reduction=("mean", "none"), platform=("cpu", "gpu", "tpu"))
+  def test_default_accumulation_is_the_parameter_dtype_on_accelerators(self, reduction, platform):
+    # bf16 parameters: the default accumulates in bf16 on GPU/TPU (the same program as asking for
+    # it) and in float32 on CPU. float32 parameters accumulate in float32 everywhere.
+    def run(dtype, acc):
+      hidden, weight, bias, labels = _inputs(n=64, v=300, dtype=dtype)
+      return jax.jit(lambda h, w, b: _value_and_grads(
+          lambda h, w, b: jaxce.linear_cross_entropy(
+              h, w, labels, bias=b, token_chunk_size=11, reduction=reduction,
+              grad_accumulation_dtype=acc),
+          h, w, b, _cotangent(64)))(hidden, weight, bias)
+
+    low = jnp.float32 if platform == "cpu" else jnp.bfloat16
+    with mock.patch.object(_linear, "_platform", return_value=platform):
+      chex.assert_trees_all_equal(run(jnp.bfloat16, None), run(jnp.bfloat16, low))
+      chex.assert_trees_all_equal(run(jnp.float32, None), run(jnp.float32, jnp.float32))
+    config = _linear._Config("mean", None, None, None, _linear._Layout(), platform=platform)
+    self.assertEqual(config.accumulator(jnp.float16, jnp.float32),
+                     jnp.float32 if platform == "cpu" else jnp.float16)
+    self.assertEqual(config.accumulator(jnp.float64, jnp.float64), jnp.float64)
+    self.assertEqual(config._replace(accumulate="float32").accumulator(jnp.bfloat16, jnp.float32),
+                     jnp.float32)
 
   def test_accelerator_defaults_match(self):
     # The accelerator's default blocks (whole-vocabulary weight-gradient tile) on CPU.
@@ -531,9 +554,13 @@ class LinearCrossEntropyMemoryTest(parameterized.TestCase):
       return lambda h, w, y: jaxce.linear_cross_entropy(h, w, y, reduction="mean",
                                                         grad_accumulation_dtype=acc)
 
-    wide = self.temp_bytes(ours(None), n, d, v, jnp.bfloat16)
+    wide = self.temp_bytes(ours(jnp.float32), n, d, v, jnp.bfloat16)
     narrow = self.temp_bytes(ours(jnp.bfloat16), n, d, v, jnp.bfloat16)
     self.assertGreater(wide - narrow, 0.9 * d * v * 4)  # the float32 [D, V] accumulator
+    self.assertEqual(self.temp_bytes(ours(None), n, d, v, jnp.bfloat16), wide)  # CPU default
+    with mock.patch.object(_linear, "_platform", return_value="gpu"):  # accelerator default
+      self.assertEqual(self.temp_bytes(ours(None), n, d, v, jnp.bfloat16),
+                       self.temp_bytes(ours(jnp.bfloat16), n, d, v, jnp.bfloat16))
 
   def test_default_block_fits_the_budget(self):
     # At a real vocabulary the default fused block stays within tokamax chunked_xla's 28 MiB.
