@@ -6,7 +6,8 @@ Sparse cross-entropy on ``[N, C]`` float32 logits, mean reduction, forward and f
 (if importable) vs a floor, a jitted ``lambda x: (x.max(axis=1), x * 0.5 + 1.0)`` that reads the
 logits once and writes one array of their size, the least a fused loss+gradient must move. It also
 times jaxce's own kernel with every row shifted by its max instead of its label's logit
-("jaxce max-shift"), which decides whether the label pivot earns its keep (>= 5 % faster).
+("jaxce max-shift"), which decides whether the label pivot earns its keep (>= 5 % faster), and
+with ``--baseline REV`` (repeatable) the jaxce of older git revisions, side by side.
 The linear cross-entropy has its own benchmark, ``benchmarks/bench_linear.py``; eager (unjitted)
 calls are timed by ``benchmarks/bench_eager.py``.
 
@@ -56,9 +57,9 @@ def parse_args(argv=None):
   p.add_argument("--n", type=int, default=4096, help="sparse CE rows")
   p.add_argument("--c", type=int, default=32000, help="sparse CE classes")
   p.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
-  p.add_argument("--baseline", default=None, metavar="REV",
+  p.add_argument("--baseline", action="append", default=[], metavar="REV",
                  help="also time the jaxce of git revision REV (e.g. 97dc1df), side by side, "
-                      "to check for regressions")
+                      "to check for regressions; repeat for several")
   args = p.parse_args(argv)
   if args.quick:
     args.n, args.c = min(args.n, 512), min(args.c, 4096)
@@ -79,7 +80,7 @@ def interleaved(candidates, rounds):
 
 
 def import_baseline(rev):
-  """Imports the ``jaxce`` package of git revision ``rev`` as a module named ``jaxce_baseline``."""
+  """Imports the ``jaxce`` package of git revision ``rev`` as a module ``jaxce_<rev>``."""
   repo = pathlib.Path(__file__).resolve().parent.parent
   try:
     archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "jaxce"],
@@ -90,12 +91,13 @@ def import_baseline(rev):
   root = pathlib.Path(tempfile.mkdtemp(prefix="jaxce_baseline_"))
   with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
     tar.extractall(root, filter="data")
-  package = root / "jaxce_baseline"
+  name = "jaxce_" + re.sub(r"\W", "_", rev)
+  package = root / name
   (root / "jaxce").rename(package)
   for path in package.glob("*.py"):  # its absolute imports name the renamed package
-    path.write_text(re.sub(r"\bjaxce\b(?=[._ ])", "jaxce_baseline", path.read_text()))
+    path.write_text(re.sub(r"\bjaxce\b(?=[._ ])", name, path.read_text()))
   sys.path.insert(0, str(root))
-  return importlib.import_module("jaxce_baseline")
+  return importlib.import_module(name)
 
 
 def jax_call(fn, *args):
@@ -133,17 +135,17 @@ def bench_sparse(args):
   def ours(x):
     return jaxce.sparse_cross_entropy(x, labels, reduction="mean")
 
+  def theirs(x):
+    return optax.softmax_cross_entropy_with_integer_labels(x, labels).mean()
+
   def max_shift(x):
     return _classification._sparse(x, labels, None, None, None, None, axis=1, ignore_index=None,
                                    reduction="mean", pivot=False)
 
-  def theirs(x):
-    return optax.softmax_cross_entropy_with_integer_labels(x, labels).mean()
+  def older(module):
+    return lambda x: module.sparse_cross_entropy(x, labels, reduction="mean")
 
-  baseline = import_baseline(args.baseline) if args.baseline else None
-
-  def old(x):
-    return baseline.sparse_cross_entropy(x, labels, reduction="mean")
+  olds = {rev: older(import_baseline(rev)) for rev in args.baseline}
 
   def floor_read(x):
     return x.max(axis=1)
@@ -154,6 +156,7 @@ def bench_sparse(args):
   fwd = {
       "jaxce": jax_call(ours, logits),
       "optax": jax_call(theirs, logits),
+      "jaxce max-shift": jax_call(max_shift, logits),
       "floor: read": jax_call(floor_read, logits),
   }
   bwd = {
@@ -162,9 +165,9 @@ def bench_sparse(args):
       "optax": jax_call(jax.value_and_grad(theirs), logits),
       "floor: read+write": jax_call(floor_read_write, logits),
   }
-  if baseline is not None:
-    fwd["jaxce@baseline"] = jax_call(old, logits)
-    bwd["jaxce@baseline"] = jax_call(jax.value_and_grad(old), logits)
+  for rev, old in olds.items():
+    fwd[f"jaxce@{rev}"] = jax_call(old, logits)
+    bwd[f"jaxce@{rev}"] = jax_call(jax.value_and_grad(old), logits)
   if torch is not None and not args.no_torch:
     x_t, y_t = torch.from_numpy(logits_np), torch.from_numpy(labels_np).long()
     xg_t = x_t.clone().requires_grad_(True)
@@ -182,7 +185,7 @@ def bench_sparse(args):
 
   # Check the candidates agree before timing them.
   ref = float(theirs(logits))
-  for fn in (ours, max_shift) + ((old,) if baseline else ()):
+  for fn in (ours, max_shift, *olds.values()):
     got = float(fn(logits))
     assert abs(got - ref) <= 1e-5 * abs(ref), (got, ref)
 
@@ -200,10 +203,10 @@ def bench_sparse(args):
     if "torch" in times:
       print(ratio_line("jaxce / torch", times, "jaxce", "torch", targets[1]))
     print(ratio_line(f"jaxce / {floor}", times, "jaxce", floor, targets[2]))
-    if "jaxce@baseline" in times:
-      print(ratio_line(f"jaxce / jaxce@{args.baseline}", times, "jaxce", "jaxce@baseline", 1.03))
-    if "jaxce max-shift" in times:
-      print(ratio_line("jaxce / jaxce max-shift (pivot)", times, "jaxce", "jaxce max-shift", 0.95))
+    for rev in olds:
+      print(ratio_line(f"jaxce / jaxce@{rev}", times, "jaxce", f"jaxce@{rev}", 1.03))
+    print(ratio_line("jaxce / jaxce max-shift (pivot)", times, "jaxce", "jaxce max-shift",
+                     0.95 if stage == "forward+backward" else None))
     print(ratio_line(f"optax / {floor}", times, "optax", floor))
     if "torch" in times:
       print(ratio_line(f"torch / {floor}", times, "torch", floor))
