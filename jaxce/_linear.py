@@ -591,9 +591,9 @@ class _Grads(NamedTuple):
   """Gradient accumulators (None: not wanted).
 
   ``hidden`` has the hidden's dtype: each row is written once, when its block
-  is done. The others accumulate over token blocks in the compute dtype, or
-  ``weight`` and ``bias`` in ``grad_accumulation_dtype`` when one is given
-  (each block's share is still summed in float32 and rounded once).
+  is done. The others accumulate over token blocks in the compute dtype, except
+  ``weight`` and ``bias``, which take :meth:`_Config.accumulator`'s dtype (each
+  block's share is still summed in float32 and rounded once).
   """
 
   hidden: jax.Array
