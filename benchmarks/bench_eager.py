@@ -11,7 +11,7 @@ times, interleaved in rounds:
 It prints ratios jaxce / reference; the targets are <= 3x for repeated calls and <= 1x for first
 calls.
 
-    python benchmarks/bench_eager.py            # about a minute on 2 cores
+    python benchmarks/bench_eager.py            # about 3.5 minutes on 2 cores
     python benchmarks/bench_eager.py --quick
 """
 
