@@ -11,7 +11,8 @@ from jax.typing import ArrayLike
 
 from jaxce import _common
 from jaxce import _core
-from jaxce import _fused
+from jaxce import _kernels
+from jaxce import _labels
 
 
 def _logits(logits, axis, where, fn, name="logits"):
@@ -27,12 +28,12 @@ def _logits(logits, axis, where, fn, name="logits"):
 
 def _int_labels(labels, x, axis, ignore_index, mask, fn, name="logits"):
   """Validates integer labels against ``x``; checks their values when they are concrete."""
-  labels, concrete = _common.int_labels(labels, fn)
+  labels, concrete = _labels.int_labels(labels, fn)
   batch = x.shape[:axis] + x.shape[axis + 1:]
   _common.check_shape(labels, batch, "labels", f"{name} without the class axis", fn)
   if concrete is not None and (mask is None or _common.is_concrete(mask)):
     classes_last = None if mask is None else np.moveaxis(np.asarray(mask), axis, -1)
-    _core.check_labels(concrete, x.shape[axis], ignore_index, classes_last, fn)
+    _labels.check_labels(concrete, x.shape[axis], ignore_index, classes_last, fn)
   return labels
 
 
@@ -132,16 +133,12 @@ def sparse_cross_entropy(
 _SPARSE = "jaxce.sparse_cross_entropy"
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "reduction", "pivot"))
-def _sparse(x, labels, mask, w, smoothing, z, *, axis, ignore_index, reduction, pivot=True):
-  """The numeric core of :func:`sparse_cross_entropy`, compiled once per static configuration.
-
-  ``pivot=False`` shifts every row by its max instead of its label's logit (the
-  path ``benchmarks/bench_losses.py`` measures the pivot against).
-  """
+@functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "reduction"))
+def _sparse(x, labels, mask, w, smoothing, z, *, axis, ignore_index, reduction):
+  """The numeric core of :func:`sparse_cross_entropy`, compiled once per static configuration."""
   x, mask = _classes_last(x, axis), _classes_last(mask, axis)
-  lab = _core.resolve_labels(labels, x.shape[-1], ignore_index, mask)
-  _core.debug_check_labels(lab.bad, x.shape[-1], ignore_index, mask is not None, _SPARSE)
+  lab = _labels.resolve_labels(labels, x.shape[-1], ignore_index, mask)
+  _labels.debug_check_labels(lab.bad, x.shape[-1], ignore_index, mask is not None, _SPARSE)
   smoothing, z = _common.option_or_nan(smoothing, 1.0), _common.option_or_nan(z)
   dtype = _common.compute_dtype(x.dtype)
   keep = lab.keep.astype(dtype)
@@ -152,8 +149,8 @@ def _sparse(x, labels, mask, w, smoothing, z, *, axis, ignore_index, reduction, 
       None if smoothing is None else smoothing * keep,
       None if z is None else z * keep,
   )
-  loss = _fused.sparse_rows(x, mask, lab.index, lab.live, target, w, pivot=pivot)
-  loss = _core.nan_where(lab.bad, loss)  # a bad label's loss and gradient are NaN
+  loss = _kernels.sparse_rows(x, mask, lab.index, lab.live, target, w)
+  loss = _labels.nan_where(lab.bad, loss)  # a bad label's loss and gradient are NaN
   return _common.reduce_loss(loss, reduction, w_y)
 
 
@@ -248,7 +245,7 @@ def _dense(x, labels, mask, w, smoothing, z, *, axis, reduction):
   active = jnp.ones(x.shape[:-1], bool) if mask is None else jnp.any(mask, axis=-1)
   if mask is not None:
     target = jnp.where(mask, target, 0.0)
-  loss = _fused.dense_rows(x, mask, target, None if z is None else z * active.astype(dtype))
+  loss = _kernels.dense_rows(x, mask, target, None if z is None else z * active.astype(dtype))
   loss = jnp.where(active, loss, 0.0)
   return _common.reduce_loss(loss, reduction, None if mask is None else active)
 
@@ -310,11 +307,11 @@ _NLL = "jaxce.nll_loss"
 def _nll(x, labels, w, *, axis, ignore_index, reduction):
   """The numeric core of :func:`nll_loss`, compiled once per static configuration."""
   x = _classes_last(x, axis)
-  lab = _core.resolve_labels(labels, x.shape[-1], ignore_index)
-  _core.debug_check_labels(lab.bad, x.shape[-1], ignore_index, False, _NLL)
+  lab = _labels.resolve_labels(labels, x.shape[-1], ignore_index)
+  _labels.debug_check_labels(lab.bad, x.shape[-1], ignore_index, False, _NLL)
   dtype = _common.compute_dtype(x.dtype)
   picked = jnp.take_along_axis(x, lab.index[..., None], axis=-1)[..., 0].astype(dtype)
   w_y = lab.keep.astype(dtype) if w is None else w.astype(dtype)[lab.index] * lab.keep
   loss = jnp.where(lab.keep, -w_y * picked, 0.0)
-  loss = _core.nan_where(lab.bad, loss)  # a bad label's loss and gradient are NaN
+  loss = _labels.nan_where(lab.bad, loss)  # a bad label's loss and gradient are NaN
   return _common.reduce_loss(loss, reduction, w_y)

@@ -175,29 +175,6 @@ def is_concrete(*xs: Any) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def int_labels(labels: Any, fn: str) -> tuple[Any, np.ndarray | None]:
-  """Returns ``(labels, concrete)``: the labels to compute with and, when their
-  values are known, a NumPy copy in their own dtype (int64 stays int64, so a
-  value that would not survive conversion to int32 is still seen and rejected).
-  """
-  if isinstance(labels, jax.core.Tracer):
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-      raise TypeError(_int_labels_message(labels.dtype, fn))
-    return labels, None
-  try:
-    concrete = np.asarray(labels)
-  except (TypeError, ValueError) as e:
-    raise TypeError(f"{fn}: labels must be array-like, got {type(labels).__name__}: {e}") from None
-  if not np.issubdtype(concrete.dtype, np.integer):
-    raise TypeError(_int_labels_message(concrete.dtype, fn))
-  return (labels if isinstance(labels, jax.Array) else concrete), concrete
-
-
-def _int_labels_message(dtype, fn):
-  return (f"{fn}: labels must be integer class indices, got dtype {dtype}. "
-          "For probability targets use jaxce.dense_cross_entropy.")
-
-
 def debug_check(ok: jax.Array, message: str, *args: Any) -> None:
   """A check that :func:`jaxce.checked` raises under ``jit`` and that otherwise costs nothing."""
   checkify.debug_check(ok, message, *args)

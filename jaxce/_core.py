@@ -1,4 +1,4 @@
-"""The numerics every softmax-family function shares: row statistics, labels, the logits gradient.
+"""The numerics every softmax-family function shares: row statistics, the target loss, its gradient.
 
 Classes are on the last axis of every array here; callers move them there.
 Each function is named after the maths it computes, not after its caller:
@@ -7,8 +7,6 @@ Each function is named after the maths it computes, not after its caller:
   (``lse = shift + log total``), used by softmax/log_softmax/logsumexp, the
   dense and sparse cross-entropies and, one block of columns at a time with
   :func:`merge_stats`, the linear cross-entropy;
-* :func:`resolve_labels` -- integer labels against ``C`` classes, an
-  ``ignore_index`` and a mask, exact for every integer dtype;
 * :class:`Target` / :func:`target_loss` -- the integer-label target
   ``q = a·onehot(y) + (ε/count)·w·possible`` and its loss
   ``Σ_c q_c (lse − x_c) + z·lse²``;
@@ -23,7 +21,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxce import _common
@@ -109,150 +106,6 @@ def merge_stats(a: RowStats, b: RowStats) -> RowStats:
 def empty_stats(rows, dtype) -> RowStats:
   """Statistics of no columns at all (the identity of :func:`merge_stats`)."""
   return RowStats(jnp.zeros(rows, dtype), jnp.zeros(rows, dtype))
-
-
-# ---------------------------------------------------------------------------
-# Integer labels.
-# ---------------------------------------------------------------------------
-
-
-class Labels(NamedTuple):
-  """Integer labels resolved against ``C`` classes, ``[...]`` each.
-
-  Attributes:
-    index: int32 labels clipped into ``[0, C)`` (safe to gather with).
-    keep: rows that count (not ignored, not fully masked).
-    bad: kept rows whose label is invalid (out of range, or a masked-out class).
-  """
-
-  index: jax.Array
-  keep: jax.Array
-  bad: jax.Array
-
-  @property
-  def live(self) -> jax.Array:
-    """Rows whose loss is a number: kept and valid."""
-    return self.keep & ~self.bad
-
-
-def _in_dtype_range(value: int, dtype) -> bool:
-  info = jnp.iinfo(dtype)
-  return int(info.min) <= value <= int(info.max)
-
-
-def label_masks(labels: jax.Array, num_classes: int, ignore_index: int | None):
-  """``(in_range, ignored)`` boolean masks, exact for every integer dtype.
-
-  Comparisons happen in the labels' own dtype against bounds that fit it, so a
-  negative ``ignore_index`` never wraps onto a class of an unsigned or narrow
-  dtype, and a class count beyond the dtype's range never overflows.
-  """
-  in_range = jnp.ones(labels.shape, bool)
-  if jnp.iinfo(labels.dtype).min < 0:
-    in_range = labels >= 0
-  if _in_dtype_range(num_classes, labels.dtype):
-    in_range = in_range & (labels < jnp.asarray(num_classes, labels.dtype))
-  if ignore_index is None or not _in_dtype_range(ignore_index, labels.dtype):
-    ignored = jnp.zeros(labels.shape, bool)
-  else:
-    ignored = labels == jnp.asarray(ignore_index, labels.dtype)
-  return in_range, ignored
-
-
-def resolve_labels(
-    labels: jax.Array,
-    num_classes: int,
-    ignore_index: int | None,
-    mask: jax.Array | None = None,
-) -> Labels:
-  """Resolves integer labels ``[...]`` against logits' ``[..., C]`` mask (traceable).
-
-  Concrete bad labels are rejected before this by :func:`check_labels`; here
-  they become ``bad`` rows (NaN loss) and a ``checkify`` check.
-  """
-  in_range, ignored = label_masks(labels, num_classes, ignore_index)
-  index = jnp.where(in_range, labels, 0).astype(jnp.int32)
-  keep = ~ignored
-  valid = in_range
-  if mask is not None:
-    keep = keep & jnp.any(mask, axis=-1)
-    valid = valid & jnp.take_along_axis(mask, index[..., None], axis=-1)[..., 0]
-  return Labels(index, keep, keep & ~valid)
-
-
-@jax.custom_vjp
-def nan_where(bad: jax.Array, value: jax.Array) -> jax.Array:
-  """``value`` with NaN where ``bad``; the gradient is NaN there too, unless unused.
-
-  A row whose loss is NaN (a bad label under ``jit``) must not hand an
-  optimiser a zero gradient. ``jnp.where(bad, nan, value)`` would (its gradient
-  ignores the NaN branch), and multiplying by NaN would poison rows the caller
-  never uses (``0·NaN``). Here the cotangent becomes NaN exactly where ``bad``
-  and nonzero.
-  """
-  return jnp.where(bad, jnp.nan, value)
-
-
-def _nan_where_fwd(bad, value):
-  # Plain JAX, not a call of ``nan_where`` itself: forward-over-reverse
-  # (``jax.hessian``) differentiates this rule.
-  return jnp.where(bad, jnp.nan, value), bad
-
-
-def _nan_where_bwd(bad, g):
-  return None, jnp.where(bad & (g != 0), jnp.nan, g)
-
-
-nan_where.defvjp(_nan_where_fwd, _nan_where_bwd)
-
-
-def label_error(num_classes: int, ignore_index: int | None, masked_classes: bool, fn: str) -> str:
-  allowed = "" if ignore_index is None else f" or equal ignore_index ({ignore_index})"
-  detail = ", and be a class that `where` keeps" if masked_classes else ""
-  return f"{fn}: labels must be in [0, {num_classes}){allowed}{detail}"
-
-
-def check_labels(
-    labels,
-    num_classes: int,
-    ignore_index: int | None,
-    mask,
-    fn: str,
-) -> None:
-  """Raises ``ValueError`` on concrete bad labels (NumPy, exact for int64 too).
-
-  Args:
-    labels: concrete integer labels ``[...]`` as NumPy (any integer dtype, before
-      any conversion that could truncate them).
-    num_classes: ``C``.
-    ignore_index: the ignored label value, or None.
-    mask: concrete boolean ``[..., C]`` NumPy mask (classes last), or None.
-    fn: the public function's name.
-  """
-  labels = np.asarray(labels)
-  wide = labels.astype(np.int64) if labels.dtype != np.uint64 else labels
-  in_range = (wide >= 0) & (wide < num_classes)
-  keep = np.ones(labels.shape, bool) if ignore_index is None else wide != ignore_index
-  valid = in_range
-  if mask is not None:
-    mask = np.asarray(mask)
-    keep = keep & mask.any(axis=-1)
-    at_label = np.take_along_axis(mask, np.where(in_range, wide, 0)[..., None].astype(np.int64),
-                                  axis=-1)[..., 0]
-    valid = valid & at_label
-  bad = keep & ~valid
-  if bad.any():
-    index = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(
-        f"{label_error(num_classes, ignore_index, mask is not None, fn)}; got {labels[index]} at "
-        f"index {index} ({int(bad.sum())} bad label(s))."
-    )
-
-
-def debug_check_labels(bad, num_classes, ignore_index, masked_classes, fn) -> None:
-  """Under tracing: a ``checkify`` check that :func:`jaxce.checked` turns into an error."""
-  message = label_error(num_classes, ignore_index, masked_classes, fn)
-  _common.debug_check(~jnp.any(bad), message + "; got {} bad label(s).", jnp.sum(bad))
 
 
 # ---------------------------------------------------------------------------
@@ -370,7 +223,6 @@ def logits_grad(
     dense: jax.Array | None = None,
     possible: jax.Array | None = None,
     weights: jax.Array | None = None,
-    start: int | jax.Array | None = None,
 ) -> jax.Array:
   """Gradient of the target loss w.r.t. a block of logits columns ``[R, size]``.
 
@@ -387,9 +239,6 @@ def logits_grad(
     possible: boolean ``[R, size]``, the possible classes of the block (needed
       with smoothing).
     weights: the block's class weights ``(size,)`` or None.
-    start: the block's first column when the block is part of the row: labels
-      outside it get no label term. None when the block is the whole row (every
-      label is a column of it).
 
   Returns:
     ``[R, size]`` in ``e``'s dtype; the label term is a scatter, not a one-hot pass.
@@ -404,11 +253,5 @@ def logits_grad(
     return gx
   rows = jnp.arange(e.shape[0])
   values = -scales.at_label.astype(gx.dtype)
-  if start is None:
-    return gx.at[rows, labels].add(values, mode="promise_in_bounds", unique_indices=True,
-                                   indices_are_sorted=True)
-  size = e.shape[1]
-  local = labels - start
-  local = jnp.where((local >= 0) & (local < size), local, size)  # size: out of bounds, dropped
-  return gx.at[rows, local].add(values, mode="drop", unique_indices=True,
-                                indices_are_sorted=True)
+  return gx.at[rows, labels].add(values, mode="promise_in_bounds", unique_indices=True,
+                                 indices_are_sorted=True)

@@ -45,6 +45,7 @@ from jax.typing import DTypeLike
 
 from jaxce import _common
 from jaxce import _core
+from jaxce import _labels
 
 _FN = "jaxce.linear_cross_entropy"
 
@@ -210,12 +211,12 @@ def linear_cross_entropy(
     _common.check_floating(bias, "bias", fn)
     _common.check_shape(bias, (num_classes,), "bias", "(V,) =", fn)
   w = _common.class_weights(class_weights, num_classes, fn)
-  labels, concrete = _common.int_labels(labels, fn)
+  labels, concrete = _labels.int_labels(labels, fn)
   _common.check_shape(labels, hidden.shape[:-1], "labels", "hidden.shape[:-1]", fn)
   mask = _common.mask_array(where, labels.shape, "labels", fn)
   if concrete is not None and (mask is None or _common.is_concrete(mask)):
     kept = concrete if mask is None else np.where(np.asarray(mask), concrete, 0)
-    _core.check_labels(kept, num_classes, ignore_index, None, fn)
+    _labels.check_labels(kept, num_classes, ignore_index, None, fn)
   layout = _layout(mesh, token_axes, vocab_axis, math.prod(labels.shape), num_classes, fn)
   config = _Config(
       reduction=reduction,
@@ -391,11 +392,11 @@ def _linear(config: _Config, hidden, weight, bias, w, labels, mask, smoothing, z
   """The numeric core of :func:`linear_cross_entropy`, compiled once per static configuration."""
   num_classes, batch_shape = weight.shape[1], labels.shape
   labels = labels.reshape(-1)
-  lab = _core.resolve_labels(labels, num_classes, config.ignore_index)
+  lab = _labels.resolve_labels(labels, num_classes, config.ignore_index)
   keep, bad = lab.keep, lab.bad
   if mask is not None:
     keep, bad = keep & mask.reshape(-1), bad & mask.reshape(-1)
-  _core.debug_check_labels(bad, num_classes, config.ignore_index, False, _FN)
+  _labels.debug_check_labels(bad, num_classes, config.ignore_index, False, _FN)
   smoothing, z = _common.option_or_nan(smoothing, 1.0), _common.option_or_nan(z)
   dtype = _common.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
   w_y = jnp.ones(labels.shape, dtype) if w is None else w.astype(dtype)[lab.index]

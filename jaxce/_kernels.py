@@ -69,8 +69,7 @@ def _pivot_exp_fn(keep_exp: bool, dtype: str, pivot: bool = True):
 
   ``vmap`` axes are treated as row axes, which keeps ``lax.cond`` a branch under
   ``vmap`` (a batched predicate would turn it into a select that runs both).
-  With ``pivot=False`` every row is shifted by its max (the path the benchmark
-  compares the pivot against).
+  With ``pivot=False`` every row is shifted by its max.
   """
 
   @jax.custom_batching.custom_vmap

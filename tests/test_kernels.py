@@ -1,4 +1,4 @@
-"""Tests for jaxce._fused: hand-written gradients equal autodiff of the plain formulas."""
+"""Tests for jaxce._kernels: hand-written gradients equal autodiff of the plain formulas."""
 
 import jax
 import jax.numpy as jnp
