@@ -4,8 +4,9 @@ r"""Trains the jaxce MNIST MLP: the command line of the :mod:`trainer` library.
 
 A rerun of the same command resumes the run in --workdir from its newest intact checkpoint; a
 rerun whose config or data would change the results is refused (--fresh deletes that run and
-starts afresh). Every mistake ends in one line ``train.py: error: ...`` and a non-zero exit;
-Ctrl-C stops with exit 130 and says how to resume.
+starts afresh). Every mistake ends in one line ``train.py: error: ...`` and a non-zero exit.
+Ctrl-C or SIGTERM (a preemption) lets a checkpoint being saved finish, says where the run stopped
+and exits with 130 or 143; the same command resumes it. See docs/training.md.
 
 Multi-host: start one process per host with --coordinator_address=HOST:PORT --num_processes=N
 --process_id=I (or the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment
@@ -20,6 +21,7 @@ import importlib.util
 import json
 import logging as std_logging
 import os
+import signal
 import sys
 
 import ml_collections
@@ -66,6 +68,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every mistake reported as one line (exit 2)."""
   try:
     rest = FLAGS(argv)
+  except SystemExit as e:  # absl exits with 1 after printing --help.
+    sys.exit(0 if e.code == 1 and asks_for_help(argv) else e.code)
   except flags.Error as e:
     missing = [n for n in ("config", "workdir") if f"flag --{n}=None:" in str(e)]
     if missing:
@@ -78,6 +82,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   if len(rest) > 1:
     fail(f"unexpected arguments {rest[1:]}; every option is a --flag (see --help)", 2)
   return rest
+
+
+def asks_for_help(argv: list[str]) -> bool:
+  return any(a in ("-?", "-h", "--help", "--helpshort", "--helpfull", "--helpxml")
+             for a in argv[1:])
 
 
 def config_problem(argv: list[str], error: Exception | None) -> str:
@@ -150,13 +159,20 @@ def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
+def stopped_before_training(signum, _frame):
+  print(f"train.py: stopped by {signal.Signals(signum).name} before training started",
+        file=sys.stderr, flush=True)
+  sys.exit(128 + signum)
+
+
 def main(argv):
   del argv  # parse_flags refused any positional argument.
+  signal.signal(signal.SIGTERM, stopped_before_training)  # The run installs its own handler.
   # The trainer imports jax and more (seconds): after parsing, so --help and mistakes are instant.
   import jax  # pylint: disable=g-import-not-at-top
 
-  import input_pipeline  # pylint: disable=g-import-not-at-top
   import trainer  # pylint: disable=g-import-not-at-top
+  from trainer import input_pipeline  # pylint: disable=g-import-not-at-top
 
   quiet_library_logs()
   try:
@@ -168,7 +184,7 @@ def main(argv):
     sys.exit(130)
   except trainer.Interrupted as e:
     print(f"train.py: {e}", file=sys.stderr)
-    sys.exit(130)
+    sys.exit(e.exit_code)
   except (trainer.TrainerError, input_pipeline.DataFileError, OSError) as e:
     fail(str(e))
   if jax.process_index() == 0:

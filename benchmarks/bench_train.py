@@ -204,7 +204,7 @@ def torch_tutorial(data_dir: str, epochs: int, seed: int = 0) -> dict:
   """The PyTorch MNIST tutorial's pipeline and loop with the project's MLP (``--worker=torch``)."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  import input_pipeline  # pylint: disable=g-import-not-at-top
+  from trainer import input_pipeline  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
   torch.manual_seed(seed)
@@ -284,7 +284,7 @@ def main(argv):
     return
   result = {}
   if "step" in FLAGS.parts:
-    import input_pipeline  # pylint: disable=g-import-not-at-top
+    from trainer import input_pipeline  # pylint: disable=g-import-not-at-top
 
     step = measure_step(input_pipeline.load_idx_dir(FLAGS.data_dir), FLAGS.step_rounds)
     print(f"steady-state step ({step['devices']} device(s), {step['steps_per_epoch']} steps an "

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-import input_pipeline
+from trainer import input_pipeline
 
 
 def idx_bytes(array: np.ndarray, magic: int) -> bytes:

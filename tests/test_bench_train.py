@@ -23,7 +23,7 @@ import bench_train  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-impo
 def test_tutorial_dataset_normalises_each_image_as_train_py_does(mnist_dir):
   torch = pytest.importorskip("torch")
   pytest.importorskip("PIL")
-  import input_pipeline  # pylint: disable=g-import-not-at-top
+  from trainer import input_pipeline  # pylint: disable=g-import-not-at-top
 
   split = input_pipeline.load_idx_dir(mnist_dir).train
   dataset = bench_train.tutorial_dataset(split)

@@ -1,16 +1,17 @@
-"""Tests for input_pipeline.py: IDX reading and its errors, tfds (mocked), the offline subset."""
+"""Tests for trainer/input_pipeline.py: IDX files and their errors, tfds (mocked), offline data."""
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
 import os
+import tempfile
 
 import numpy as np
 import pytest
 
-import input_pipeline
-from input_pipeline import DataFileError
+from trainer import input_pipeline
+from trainer.input_pipeline import DataFileError
 
 from mnist_fixtures import idx_bytes
 from mnist_fixtures import write_file
@@ -192,7 +193,7 @@ class TestTfds:
     assert data.train.images.shape == (12, 784) and data.train.images.dtype == np.uint8
     assert data.test.labels.dtype == np.int32 and data.test.labels.max() < 10
 
-  def test_archive_path_without_tensorflow(self, mnist_dir, monkeypatch):
+  def test_archive_path_without_tensorflow(self, mnist_dir, monkeypatch, tmp_path):
     """Without TensorFlow tfds cannot prepare MNIST; its downloaded archives are read instead."""
     tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -204,7 +205,7 @@ class TestTfds:
 
     monkeypatch.setattr(tfds, "data_source", no_tensorflow)
     monkeypatch.setattr(tfds.download.DownloadManager, "download", fake_download)
-    data = input_pipeline.load_tfds()
+    data = input_pipeline.load_tfds(str(tmp_path / "tfds"))  # Nothing in the home folder.
     assert data.source == "tensorflow-datasets (IDX archives)"
     assert (len(data.train), len(data.test)) == (70, 30)
 
@@ -215,3 +216,13 @@ class TestTfds:
     assert reason.startswith("no network")
     monkeypatch.setattr(input_pipeline, "_host_reachable", lambda url: True)
     assert input_pipeline.tfds_unavailable_reason(str(tmp_path)) is None
+
+  def test_no_temporary_folder_is_left_behind(self, tmp_path, monkeypatch):
+    """tfds makes a ``tmp*tfds`` folder for dataset metadata and never deletes it."""
+    pytest.importorskip("tensorflow_datasets")
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    monkeypatch.setattr(input_pipeline, "_host_reachable", lambda url: False)
+    assert input_pipeline.tfds_unavailable_reason(str(tmp_path / "tfds")).startswith("no network")
+    assert os.listdir(system_tmp) == []

@@ -22,10 +22,12 @@ from trainer_helpers import NUM_TEST
 from trainer_helpers import NUM_TRAIN
 from trainer_helpers import epoch_records
 from trainer_helpers import fixture_mnist_dir  # noqa: F401  (pytest fixture)
+from trainer_helpers import tiny_config
 
-import input_pipeline
 from configs import default
 from trainer import checkpoints as checkpoints_lib
+from trainer import input_pipeline
+from trainer import loop
 
 from mnist_fixtures import idx_bytes
 from mnist_fixtures import write_file
@@ -203,16 +205,20 @@ def test_bad_data(tmp_path):
 
 def test_help_lists_every_config_field_with_its_default(tmp_path):
   proc = run_cli(str(tmp_path), 1, "--help")
+  assert proc.returncode == 0, proc.stderr[-2000:]
   text = " ".join(proc.stdout.split())  # absl wraps the help text.
   for name, value in default.get_config().items():
     assert f"--config.{name}={value!r}:" in text, name
   assert "--[no]fresh" in text
 
 
-# ----------------------------------------------------------------------------- Ctrl-C
+# ----------------------------------------------------------------------------- Ctrl-C, SIGTERM
 
 
-def test_ctrl_c_says_where_it_stopped_and_the_same_command_resumes(mnist_dir, tmp_path):
+@pytest.mark.parametrize("signum,code,how", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_a_stop_signal_says_where_it_stopped_and_the_same_command_resumes(mnist_dir, tmp_path,
+                                                                          signum, code, how):
   workdir, log = str(tmp_path / "w"), tmp_path / "stderr.txt"
   cmd = command(workdir, *cli_flags(mnist_dir), "--config.num_epochs=30")
   with open(log, "w") as err:
@@ -221,13 +227,13 @@ def test_ctrl_c_says_where_it_stopped_and_the_same_command_resumes(mnist_dir, tm
     deadline = time.monotonic() + 240
     while "epoch 2/30: train_loss" not in log.read_text() and time.monotonic() < deadline:
       time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     proc.communicate(timeout=120)
   stderr = log.read_text()
   last = stderr.strip().splitlines()[-1]
-  match = re.fullmatch(r"train\.py: interrupted (in|after) epoch (\d+)/30; the last checkpoint "
+  match = re.fullmatch(rf"train\.py: {how} (in|after) epoch (\d+)/30; the last checkpoint "
                        r"is epoch (\d+); rerun the same command to resume", last)
-  assert proc.returncode == 130 and match, stderr[-2000:]
+  assert proc.returncode == code and match, stderr[-2000:]
   assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
   saved = int(match.group(3))
   assert saved >= 2 and int(match.group(2)) == saved + (match.group(1) == "in")
@@ -238,6 +244,27 @@ def test_ctrl_c_says_where_it_stopped_and_the_same_command_resumes(mnist_dir, tm
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resuming after epoch {saved}" in resumed.stderr
   assert [r["epoch"] for r in epoch_records(workdir)] == list(range(1, 31))
+  assert not [f for f in os.listdir(workdir) if f.endswith(".lock")]
+  if signum == signal.SIGTERM:  # Bit-identical to the run never stopped (in this process).
+    config = tiny_config(mnist_dir, num_epochs=30, eval_batch_size=16)
+    state, _ = loop.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+    chex.assert_trees_all_equal(checkpoint_params(workdir, 30), state.params)
+
+
+# ------------------------------------------------------------------ resumes across device counts
+
+
+@pytest.mark.parametrize("before,after", [(1, 4), (4, 2), (2, 1)])
+def test_resume_on_another_device_count_ends_as_the_uninterrupted_run(mnist_dir, cli_runs,
+                                                                      tmp_path, before, after):
+  """Epoch 1 on ``before`` devices, epoch 2 on ``after``: within 1e-5 of the 1-device run."""
+  workdir = str(tmp_path / "w")
+  flags = cli_flags(mnist_dir)
+  for devices, epochs in ((before, 1), (after, 2)):
+    proc = run_cli(workdir, devices, *flags, f"--config.num_epochs={epochs}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  chex.assert_trees_all_close(checkpoint_params(workdir, 2),
+                              checkpoint_params(cli_runs[1][0], 2), atol=1e-5, rtol=0)
 
 
 def test_readme_training_commands_use_separate_workdirs():

@@ -7,6 +7,9 @@ import json
 import os
 import pathlib
 import shutil
+import signal
+import subprocess
+import sys
 
 import chex
 import filelock
@@ -24,10 +27,11 @@ from trainer_helpers import fixture_baseline  # noqa: F401  (pytest fixture)
 from trainer_helpers import fixture_mnist_dir  # noqa: F401  (pytest fixture)
 from trainer_helpers import tiny_config
 
-import input_pipeline
 from configs import default
+from trainer import checkpoints as checkpoints_lib
 from trainer import data as data_lib
 from trainer import errors
+from trainer import input_pipeline
 from trainer import loop
 from trainer import model as model_lib
 from trainer import step
@@ -258,7 +262,7 @@ class TestRun:
 
   def test_outputs(self, baseline):
     workdir, state, summary = baseline
-    assert sorted(f for f in os.listdir(workdir) if not f.endswith(".lock")) == [
+    assert sorted(os.listdir(workdir)) == [  # No lock file is left behind.
         "checkpoints", "curves.png", "metrics.jsonl", "run.json", "tensorboard"]
     records = epoch_records(workdir)
     assert [r["epoch"] for r in records] == [1, 2, 3]
@@ -423,3 +427,91 @@ class TestDivergence:
       loop.train_and_evaluate(tiny_config(mnist_dir, num_epochs=3), str(tmp_path))
     assert os.listdir(tmp_path / "checkpoints") == ["1"]
     assert [r["epoch"] for r in epoch_records(str(tmp_path))] == [1]
+
+
+class TestStopSignals:
+
+  def test_sigterm_during_a_save_lets_it_finish_and_the_rerun_is_identical(
+      self, mnist_dir, baseline, tmp_path, monkeypatch):
+    """SIGTERM arrives while epoch 2 is being saved: the save completes, then the run stops."""
+    def fail_the_test(signum, _frame):  # Only reached if the run leaves SIGTERM unhandled.
+      raise AssertionError(f"signal {signum} was not handled by the run")
+
+    real_write_manifest, saves = checkpoints_lib.write_manifest, []
+
+    def terminated_while_saving(folder):
+      saves.append(folder)
+      if len(saves) == 2:
+        signal.raise_signal(signal.SIGTERM)
+      real_write_manifest(folder)
+
+    monkeypatch.setattr(checkpoints_lib, "write_manifest", terminated_while_saving)
+    previous = signal.signal(signal.SIGTERM, fail_the_test)
+    workdir = str(tmp_path)
+    try:
+      with pytest.raises(errors.Interrupted) as e:
+        loop.train_and_evaluate(tiny_config(mnist_dir, num_epochs=3), workdir)
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+    assert str(e.value) == ("stopped by SIGTERM after epoch 2/3; the last checkpoint is epoch 2; "
+                            "rerun the same command to resume")
+    assert e.value.exit_code == 143
+    checkpoints_lib.verify_manifest(os.path.join(workdir, "checkpoints", "2"))
+    monkeypatch.setattr(checkpoints_lib, "write_manifest", real_write_manifest)
+    resumed, _ = loop.train_and_evaluate(tiny_config(mnist_dir, num_epochs=3), workdir)
+    chex.assert_trees_all_equal(arrays(resumed), arrays(baseline[1]))
+    assert epoch_records(workdir) == epoch_records(baseline[0])
+
+
+class TestSubsets:
+
+  def test_offline_smoke_subset_holds_every_digit(self, monkeypatch):
+    """The offline set is sorted by class: its first 2,048 / 512 examples are digits 0-5 only."""
+    monkeypatch.setattr(input_pipeline, "tfds_unavailable_reason", lambda _: "offline (test)")
+    data = data_lib.load_data("", "", num_train=2048, num_test=512, seed=0)
+    for split, n in ((data.train, 2048), (data.test, 512)):
+      counts = split.class_counts()
+      assert len(split) == n and sum(counts) == n
+      assert max(counts) - min(counts) <= 1, counts
+    assert "class-balanced" in data.subset and "2048 of 4000 train" in data.subset
+
+  def test_subset_is_seeded_and_deterministic(self):
+    labels = np.repeat(np.arange(10), 30)
+    a = input_pipeline.balanced_indices(labels, 50, seed=0)
+    np.testing.assert_array_equal(a, input_pipeline.balanced_indices(labels, 50, seed=0))
+    assert not np.array_equal(a, input_pipeline.balanced_indices(labels, 50, seed=1))
+    assert len(set(a.tolist())) == 50 and np.bincount(labels[a]).tolist() == [5] * 10
+
+  def test_uneven_classes_fill_up_from_the_others(self):
+    labels = np.array([0] * 3 + [1] * 50 + [2] * 50)
+    picked = input_pipeline.balanced_indices(labels, 20, seed=0)
+    assert np.bincount(labels[picked]).tolist() == [3, 9, 8] and len(set(picked.tolist())) == 20
+
+  def test_summary_and_run_file_say_which_subset(self, mnist_dir, tmp_path):
+    config = tiny_config(mnist_dir, num_epochs=1, num_train_examples=150, num_test_examples=60)
+    _, summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert summary["num_train"] == 150 and sum(summary["train_per_class"]) == 150
+    assert sum(summary["test_per_class"]) == 60 and "150 of 200 train" in summary["subset"]
+    with open(tmp_path / "run.json") as f:
+      assert json.load(f)["subset"]["subset"] == summary["subset"]
+
+  def test_curves_of_one_epoch_have_whole_epoch_ticks(self):
+    from trainer import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+
+    record = {"epoch": 1, "train_loss": 1.0, "test_loss": 1.0, "test_accuracy_percent": 50.0}
+    for ax in metrics_lib.curves_figure([record], "one epoch").axes:
+      ticks = ax.get_xticks()
+      np.testing.assert_array_equal(ticks, np.round(ticks))
+
+
+def test_trainer_imports_no_repository_root_module(tmp_path):
+  """The package stands alone: nothing from the repository root (input_pipeline, configs)."""
+  code = ("import sys, pkgutil, importlib, trainer\n"
+          "for m in pkgutil.iter_modules(trainer.__path__):\n"
+          "  importlib.import_module(f'trainer.{m.name}')\n"
+          "print(sorted({'input_pipeline', 'configs', 'train'} & set(sys.modules)))\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True,
+                        text=True, timeout=120, check=False, env={**os.environ, "PYTHONPATH": repo})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == "[]"

@@ -9,7 +9,10 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 
 import chex
 import numpy as np
@@ -72,7 +75,7 @@ class TestCheckpointFaults:
     with caplog.at_level("WARNING"):
       state, summary = loop.train_and_evaluate(tiny_config(mnist_dir, num_epochs=3), workdir)
     warning = next(m for m in caplog.messages if "checkpoint of epoch 3 is unusable" in m)
-    assert re.search(reason, warning), warning
+    assert re.search(reason, warning) and "falling back to epoch 2" in warning, warning
     chex.assert_trees_all_equal(arrays(state), arrays(baseline[1]))  # Epoch 3 redone from epoch 2.
     assert summary["epochs"] == 3 and epoch_records(workdir) == epoch_records(baseline[0])
     assert len(os.listdir(os.path.join(workdir, "checkpoints_unusable"))) == 1
@@ -177,3 +180,64 @@ class TestTensorBoard:
     events = read_events(os.path.join(workdir, "tensorboard"))
     assert any(e.HasField("session_log") and e.step == 3 for e in events)  # purge from step 3
 
+
+
+KILLED_BEFORE_MANIFEST = """
+import os, signal, sys
+from trainer import checkpoints, loop
+from trainer_helpers import tiny_config
+checkpoints.write_manifest = lambda folder: os.kill(os.getpid(), signal.SIGKILL)
+loop.train_and_evaluate(tiny_config(sys.argv[1], num_epochs=1), sys.argv[2])
+"""
+
+
+def test_a_kill_before_the_first_manifest_does_not_lock_the_run_out(mnist_dir, baseline, tmp_path,
+                                                                     caplog):
+  """Killed after orbax committed checkpoint 1 but before its manifest: the rerun starts afresh."""
+  workdir, tests = str(tmp_path / "w"), os.path.dirname(os.path.abspath(__file__))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])}
+  proc = subprocess.run([sys.executable, "-c", KILLED_BEFORE_MANIFEST, mnist_dir, workdir],
+                        env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]  # Committed, no manifest.
+  with caplog.at_level("WARNING"):
+    state, summary = loop.train_and_evaluate(tiny_config(mnist_dir, num_epochs=3), workdir)
+  assert any("checkpoint of epoch 1 is unusable (no sha256sums.json (its save did not finish))"
+             in m and "starting from the initial state" in m for m in caplog.messages)
+  chex.assert_trees_all_equal(arrays(state), arrays(baseline[1]))
+  assert summary["epochs"] == 3 and epoch_records(workdir) == epoch_records(baseline[0])
+  assert len(os.listdir(os.path.join(workdir, "checkpoints_unusable"))) == 1
+
+
+class TestHistory:
+  """A resume restores lost metrics.jsonl records from the checkpoint's copy."""
+
+  @pytest.mark.parametrize("damage", ["delete", "empty", "truncate", "short"])
+  def test_lost_records_are_restored(self, mnist_dir, baseline, tmp_path, caplog, damage):
+    workdir = shutil.copytree(baseline[0], str(tmp_path / "w"))
+    path = pathlib.Path(workdir, "metrics.jsonl")
+    text = path.read_text()
+    if damage == "delete":
+      path.unlink()
+    else:
+      path.write_text({"empty": "", "truncate": text[:len(text) // 2],
+                       "short": text.split("\n", 1)[0] + "\n"}[damage])
+    with caplog.at_level("WARNING"):
+      _, summary = loop.train_and_evaluate(tiny_config(mnist_dir, num_epochs=4), workdir)
+    assert [r["epoch"] for r in epoch_records(workdir)] == [1, 2, 3, 4]
+    assert epoch_records(workdir)[:3] == epoch_records(baseline[0])
+    assert summary["missing_epochs"] == [] and summary["epochs"] == 4
+    assert any("restored them from the checkpoint's copy" in m for m in caplog.messages)
+
+  def test_records_found_nowhere_are_named(self, mnist_dir, baseline, tmp_path, caplog):
+    """A checkpoint without the copy, and metrics.jsonl gone: the lost epochs are named."""
+    workdir = shutil.copytree(baseline[0], str(tmp_path / "w"))
+    step_dir = os.path.join(workdir, "checkpoints", "3")
+    os.remove(os.path.join(step_dir, loop.METRICS_COPY))
+    checkpoints_lib.write_manifest(step_dir)
+    os.remove(os.path.join(workdir, "metrics.jsonl"))
+    with caplog.at_level("WARNING"):
+      _, summary = loop.train_and_evaluate(tiny_config(mnist_dir, num_epochs=4), workdir)
+    assert summary["missing_epochs"] == [1, 2, 3]
+    assert any("lacks the records of epochs 1, 2, 3" in m for m in caplog.messages)
+    assert [r["epoch"] for r in epoch_records(workdir)] == [4]

@@ -4,18 +4,18 @@ Orbax writes a step into a temporary folder and renames it when complete, so an 
 never becomes a step. On top of that every finished save gets a ``sha256sums.json`` (size and
 SHA-256 of each file), and a restore trusts a checkpoint only when every file matches, orbax reads
 it without error and every value is finite. A checkpoint that fails is moved aside, with a warning,
-to ``checkpoints_unusable/`` and the next older one is tried; when none is intact the run stops.
-A non-finite state is never saved; :func:`sigint_deferred` lets a save finish before Ctrl-C.
+to ``checkpoints_unusable/`` and the next older one is tried. When none is intact the run stops,
+unless every failure is a save that never finished (killed between orbax's commit and the
+manifest): those are set aside too and the run starts from its initial state. A non-finite state
+is never saved. Each checkpoint may carry small files of the run (the metrics history), covered by
+its manifest like the state.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -33,6 +33,10 @@ MANIFEST = "sha256sums.json"
 
 class Unusable(Exception):
   """One checkpoint cannot be trusted; the message says why."""
+
+
+class Unfinished(Unusable):
+  """A checkpoint whose save never finished (no manifest): no loss, it is set aside."""
 
 
 def file_digests(folder: str) -> dict[str, list]:
@@ -70,7 +74,7 @@ def verify_manifest(folder: str) -> None:
     with open(os.path.join(folder, MANIFEST)) as f:
       expected = json.load(f)
   except FileNotFoundError:
-    raise Unusable(f"no {MANIFEST} (its save did not finish)") from None
+    raise Unfinished(f"no {MANIFEST} (its save did not finish)") from None
   except (OSError, ValueError) as e:
     raise Unusable(f"{MANIFEST} unreadable ({e})") from None
   for rel, (size, digest) in sorted(expected.items()):
@@ -92,23 +96,6 @@ def first_non_finite(tree) -> str | None:
   return None
 
 
-@contextlib.contextmanager
-def sigint_deferred():
-  """Holds Ctrl-C back until the block is done (then raises ``KeyboardInterrupt``)."""
-  if threading.current_thread() is not threading.main_thread() or (
-      signal.getsignal(signal.SIGINT) is None):
-    yield
-    return
-  received = []
-  previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGINT, previous)
-  if received:
-    raise KeyboardInterrupt
-
-
 class Checkpoints:
   """The run's checkpoints in ``directory``: all processes save, process 0 writes manifests."""
 
@@ -124,8 +111,11 @@ class Checkpoints:
   def step_dir(self, epoch: int) -> str:
     return os.path.join(self.directory, str(epoch))
 
-  def save(self, epoch: int, state: Any) -> None:
-    """Saves a host state as ``epoch`` with its manifest; refuses a non-finite state."""
+  def save(self, epoch: int, state: Any, files: dict[str, str] | None = None) -> None:
+    """Saves a host state as ``epoch``, then ``files`` (name: text) and the manifest over all.
+
+    Refuses a non-finite state.
+    """
     bad = first_non_finite(state)
     if bad:
       raise DivergedError(f"epoch {epoch} ended with non-finite values in state{bad}; it was not "
@@ -133,8 +123,19 @@ class Checkpoints:
     self._manager.save(epoch, args=ocp.args.StandardSave(state))
     self._manager.wait_until_finished()
     if self.is_main:
+      for name, text in (files or {}).items():
+        with open(os.path.join(self.step_dir(epoch), name), "w") as f:
+          f.write(text)
       write_manifest(self.step_dir(epoch))
     _sync("checkpoint saved")
+
+  def read_file(self, epoch: int, name: str) -> str | None:
+    """A file saved with checkpoint ``epoch`` (verified by its manifest at restore), if any."""
+    try:
+      with open(os.path.join(self.step_dir(epoch), name)) as f:
+        return f.read()
+    except OSError:
+      return None
 
   def restore_latest(self, template: Any) -> tuple[Any, int]:
     """The newest intact checkpoint and its epoch, or ``(template, 0)`` when there is none."""
@@ -143,14 +144,15 @@ class Checkpoints:
       try:
         state = self._restore_verified(epoch, template)
       except Unusable as e:
-        failures.append((epoch, str(e)))
+        failures.append((epoch, e))
         continue
-      self._set_aside(failures)
+      self._set_aside(failures, f"falling back to epoch {epoch}")
       return state, epoch
-    if failures:
-      reasons = "; ".join(f"epoch {e}: {why}" for e, why in failures)
+    if not all(isinstance(e, Unfinished) for _, e in failures):
+      reasons = "; ".join(f"epoch {epoch}: {why}" for epoch, why in failures)
       raise CheckpointError(f"no intact checkpoint in {self.directory} ({reasons}); move that "
                             "folder away, or rerun with --fresh to start afresh")
+    self._set_aside(failures, "starting from the initial state")
     return template, 0
 
   def _restore_verified(self, epoch: int, template: Any) -> Any:
@@ -165,13 +167,13 @@ class Checkpoints:
       raise Unusable(f"non-finite values in state{bad}")
     return state
 
-  def _set_aside(self, failures: list[tuple[int, str]]) -> None:
+  def _set_aside(self, failures: list[tuple[int, Unusable]], then: str) -> None:
     """Moves unusable newer checkpoints to ``checkpoints_unusable/`` so the epochs can be redone."""
     for epoch, why in failures:
       target = os.path.join(self.unusable_dir, f"{epoch}-{time.strftime('%Y%m%d-%H%M%S')}")
       if self.is_main:
-        logging.warning("checkpoint of epoch %d is unusable (%s); moved to %s and falling back",
-                        epoch, why, target)
+        logging.warning("checkpoint of epoch %d is unusable (%s); moved to %s, %s", epoch, why,
+                        target, then)
         os.makedirs(self.unusable_dir, exist_ok=True)
         os.rename(self.step_dir(epoch), target)
     if failures:

@@ -11,7 +11,7 @@ from typing import Any
 import tqdm
 from absl import logging
 
-import input_pipeline
+from trainer import input_pipeline
 
 OFFLINE_PREFIX = "[OFFLINE SUBSET - not full MNIST] "
 

@@ -9,7 +9,6 @@ is padded with masked rows, and the steps that fill up the last call hold no rea
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -17,22 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import jax_utils
 
-import input_pipeline
+from trainer import input_pipeline
 
 AXIS = "batch"  # The pmap axis: all devices of all processes.
 MEAN, STD = 0.1307, 0.3081
 
 
-def load_data(data_dir: str, tfds_data_dir: str, *, num_train: int,
-              num_test: int) -> input_pipeline.Dataset:
-  """MNIST (see :func:`input_pipeline.load_mnist`), keeping the first N examples when N > 0."""
+def load_data(data_dir: str, tfds_data_dir: str, *, num_train: int, num_test: int,
+              seed: int) -> input_pipeline.Dataset:
+  """MNIST (see :func:`input_pipeline.load_mnist`); N > 0 examples keeps a seeded, class-balanced
+  subset of N (see :func:`input_pipeline.balanced_subset`)."""
   data = input_pipeline.load_mnist(data_dir, tfds_data_dir=tfds_data_dir)
-
-  def take(split, n):
-    return input_pipeline.Split(split.images[:n], split.labels[:n]) if n else split
-
-  return dataclasses.replace(data, train=take(data.train, num_train),
-                             test=take(data.test, num_test))
+  return input_pipeline.balanced_subset(data, num_train, num_test, seed=seed)
 
 
 def normalize(images):

@@ -22,4 +22,11 @@ class DivergedError(TrainerError):
 
 
 class Interrupted(TrainerError):
-  """Ctrl-C: says where the run stopped and how to resume it."""
+  """Ctrl-C or SIGTERM: says where the run stopped and how to resume it.
+
+  ``exit_code`` follows the shell's convention for a signal: 128 + its number.
+  """
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_code = 128 + signum

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import time
 from typing import Any
 from typing import NamedTuple
@@ -18,13 +19,13 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-import input_pipeline
 from trainer import data as data_lib
+from trainer import input_pipeline
 from trainer import model as model_lib
+from trainer import signals
 from trainer import step
 from trainer import workdir as workdir_lib
 from trainer.checkpoints import Checkpoints
-from trainer.checkpoints import sigint_deferred
 from trainer.console import Console
 from trainer.errors import ConfigError
 from trainer.errors import DivergedError
@@ -34,6 +35,8 @@ from trainer.metrics import Metrics
 # Config fields that change what a run computes: a rerun in the same workdir must keep them.
 RESULT_FIELDS = ("hidden_sizes", "learning_rate", "momentum", "batch_size", "seed",
                  "num_train_examples", "num_test_examples")
+# The copy of metrics.jsonl that each checkpoint keeps (a resume restores lost records from it).
+METRICS_COPY = "metrics.jsonl"
 # Fields a rerun may change: where the data is read from, how long to train, how work is cut up.
 FREE_FIELDS = ("data_dir", "tfds_data_dir", "num_epochs", "max_steps_per_call", "eval_batch_size")
 
@@ -69,6 +72,12 @@ def validate_config(config, num_devices: int) -> None:
   for ok, message in checks:
     if not ok:
       raise ConfigError(message)
+
+
+def data_description(data: input_pipeline.Dataset) -> dict[str, Any]:
+  """Which examples the run uses: how they were chosen, and how many of each class."""
+  return {"subset": data.subset or "all examples", "train_per_class": data.train.class_counts(),
+          "test_per_class": data.test.class_counts()}
 
 
 def run_identity(config, data: input_pipeline.Dataset) -> dict[str, Any]:
@@ -141,18 +150,19 @@ def host_state(state):
 
 @dataclasses.dataclass
 class Position:
-  """Where the run is, for the Ctrl-C message."""
+  """Where the run is, for the message when a signal stops it."""
 
   epoch: int = 0
   saved: int = 0
 
-  def interrupted(self, num_epochs: int) -> Interrupted:
+  def interrupted(self, num_epochs: int, signum: int) -> Interrupted:
     if not self.epoch:
       where = "before training started"
     else:
       where = f"{'after' if self.saved == self.epoch else 'in'} epoch {self.epoch}/{num_epochs}"
     kept = f"the last checkpoint is epoch {self.saved}" if self.saved else "no checkpoint yet"
-    return Interrupted(f"interrupted {where}; {kept}; rerun the same command to resume")
+    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    return Interrupted(f"{how} {where}; {kept}; rerun the same command to resume", signum)
 
 
 class Outputs(NamedTuple):
@@ -171,12 +181,13 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False):
   validate_config(config, jax.device_count())
   wall_start, position, is_main = time.perf_counter(), Position(), jax.process_index() == 0
   try:
-    with workdir_lib.claimed(workdir, fresh=fresh):
+    with signals.stop_on_signals(), workdir_lib.claimed(workdir, fresh=fresh):
       data = data_lib.load_data(config.data_dir, config.tfds_data_dir,
                                 num_train=config.num_train_examples,
-                                num_test=config.num_test_examples)
+                                num_test=config.num_test_examples, seed=config.seed)
       workdir_lib.check_run(workdir, run_identity(config, data),
-                            {"config": config.to_dict(), "dataset_source": data.source})
+                            {"config": config.to_dict(), "dataset_source": data.source,
+                             "subset": data_description(data)})
       out = Outputs(Checkpoints(os.path.join(workdir, "checkpoints"), is_main=is_main),
                     Metrics(workdir, is_main=is_main),
                     Console(is_main=is_main, offline=data.offline))
@@ -184,8 +195,8 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False):
         state, summary = _train(config, data, out, position)
       finally:
         out.checkpoints.close()
-  except KeyboardInterrupt:
-    raise position.interrupted(config.num_epochs) from None
+  except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (signals.Stop)
+    raise position.interrupted(config.num_epochs, signals.signal_number(e)) from None
   summary.update(wall_seconds=time.perf_counter() - wall_start, workdir=workdir)
   out.console.finished(summary)
   return state, summary
@@ -213,11 +224,12 @@ def _train(config, data: input_pipeline.Dataset, out: Outputs, position: Positio
     out.metrics.add({**record, "dataset": data.name})
     out.console.epoch_done(record, config.num_epochs,
                            compile_seconds if epoch == first else 0.0)
-    with sigint_deferred():  # Ctrl-C during a save lets it finish first.
-      out.checkpoints.save(epoch, host_state(state))
+    with signals.deferred():  # A stop signal during a save lets it finish first.
+      out.checkpoints.save(epoch, host_state(state), {METRICS_COPY: out.metrics.text()})
       position.saved = epoch
   out.metrics.close(plot_title(config, data))
-  return host_state(state), summarize(out.metrics.history, data, compile_seconds or 0.0)
+  summary = summarize(out.metrics.history, data, compile_seconds or 0.0)
+  return host_state(state), {**summary, "missing_epochs": out.metrics.missing}
 
 
 def _restore(config, data: input_pipeline.Dataset, out: Outputs, position: Position):
@@ -229,7 +241,14 @@ def _restore(config, data: input_pipeline.Dataset, out: Outputs, position: Posit
   if position.saved:
     out.console.info("resuming after epoch %d from %s", position.saved,
                      out.checkpoints.directory)
-  out.metrics.start(position.saved, hparams(config, data), config_text(config, data))
+  saved = position.saved
+  saved_history = out.checkpoints.read_file(saved, METRICS_COPY) if saved else None
+  out.metrics.start(position.saved, hparams(config, data), config_text(config, data),
+                    saved_history=saved_history)
+  if out.metrics.missing:
+    out.console.warning("metrics.jsonl lacks the records of epochs %s and no checkpoint holds "
+                        "them; the summary covers the other epochs only",
+                        ", ".join(map(str, out.metrics.missing)))
   return state
 
 
@@ -287,7 +306,7 @@ def summarize(history: list[dict[str, Any]], data: input_pipeline.Dataset,
   train_seconds = sum(r["train_seconds"] for r in history)
   return {"dataset": data.name, "offline": data.offline, "notice": data.notice,
           "dataset_source": data.source, "dataset_sha256": data.fingerprint,
-          "num_train": len(data.train), "num_test": len(data.test),
+          "num_train": len(data.train), "num_test": len(data.test), **data_description(data),
           "epochs": last.get("epoch", 0), "train_loss": last.get("train_loss"),
           "test_loss": last.get("test_loss"),
           "test_accuracy_percent": last.get("test_accuracy_percent"),

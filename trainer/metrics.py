@@ -3,7 +3,9 @@
 Every epoch's record goes into ``metrics.jsonl`` (the whole file rewritten atomically each epoch)
 and TensorBoard (``tensorboard/``: scalars per epoch, the run's config as hparams and text). A
 resumed run keeps the records up to its checkpoint and redoes the rest; TensorBoard is told to
-discard the redone epochs' old points. Accuracy is a percentage everywhere.
+discard the redone epochs' old points. Each checkpoint keeps a copy of the records up to its epoch:
+a resume that finds ``metrics.jsonl`` missing, truncated or short takes the lost records from there,
+and names any epoch whose record is nowhere. Accuracy is a percentage everywhere.
 """
 
 from __future__ import annotations
@@ -24,16 +26,29 @@ def read_history(path: str, upto_epoch: int) -> list[dict[str, Any]]:
   """Epoch records of ``metrics.jsonl`` up to ``upto_epoch`` (unreadable lines are dropped)."""
   if not os.path.exists(path):
     return []
-  records = []
   with open(path) as f:
-    for number, line in enumerate(f, 1):
-      try:
-        record = json.loads(line)
-        if record["epoch"] <= upto_epoch:
-          records.append(record)
-      except (ValueError, TypeError, KeyError):
-        logging.warning("%s: line %d is not an epoch record; dropped", path, number)
-  return records
+    return parse_history(f.read(), upto_epoch, path)
+
+
+def parse_history(text: str, upto_epoch: int, name: str) -> list[dict[str, Any]]:
+  """The epoch records in a ``metrics.jsonl`` text up to ``upto_epoch``, one per epoch."""
+  records = {}
+  for number, line in enumerate(text.splitlines(), 1):
+    try:
+      record = json.loads(line)
+      if record["epoch"] <= upto_epoch:
+        records[record["epoch"]] = record
+    except (ValueError, TypeError, KeyError):
+      logging.warning("%s: line %d is not an epoch record; dropped", name, number)
+  return [records[e] for e in sorted(records)]
+
+
+def merge_history(kept: list[dict[str, Any]], saved: list[dict[str, Any]],
+                  upto_epoch: int) -> tuple[list[dict[str, Any]], list[int]]:
+  """``kept`` records completed by ``saved`` ones, and the epochs to ``upto_epoch`` in neither."""
+  by_epoch = {r["epoch"]: r for r in saved} | {r["epoch"]: r for r in kept}
+  history = [by_epoch[e] for e in sorted(by_epoch)]
+  return history, [e for e in range(1, upto_epoch + 1) if e not in by_epoch]
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -73,14 +88,26 @@ class Metrics:
     self.workdir, self.is_main = workdir, is_main
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.history: list[dict[str, Any]] = []
+    self.missing: list[int] = []  # Epochs before the resume whose records are lost.
     self._writer = None
 
-  def start(self, start_epoch: int, hparams: dict[str, Any], config_text: str) -> None:
-    """Keeps the records up to ``start_epoch`` and opens TensorBoard with the run's config."""
-    self.history = read_history(self.path, start_epoch)
+  def start(self, start_epoch: int, hparams: dict[str, Any], config_text: str, *,
+            saved_history: str | None = None) -> None:
+    """Keeps the records up to ``start_epoch`` and opens TensorBoard with the run's config.
+
+    Records missing from ``metrics.jsonl`` are taken from ``saved_history`` (the checkpoint's
+    copy); epochs in neither are listed in :attr:`missing`.
+    """
+    kept = read_history(self.path, start_epoch)
+    saved = parse_history(saved_history or "", start_epoch, "the checkpoint's metrics.jsonl")
+    self.history, self.missing = merge_history(kept, saved, start_epoch)
+    restored = len(self.history) - len(kept)
+    if restored and self.is_main:
+      logging.warning("%s lacked %d epoch records; restored them from the checkpoint's copy",
+                      self.path, restored)
     if not self.is_main:
       return
-    write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
+    write_atomically(self.path, self.text())
     tensorboardx = import_tensorboardx()
     from tensorboardX.summary import hparams as hparams_summary  # pylint: disable=g-import-not-at-top
 
@@ -95,10 +122,14 @@ class Metrics:
     self.history.append(record)
     if not self.is_main:
       return
-    write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
+    write_atomically(self.path, self.text())
     for key in SCALARS:
       self._writer.add_scalar(key, record[key], record["epoch"])
     self._writer.flush()
+
+  def text(self) -> str:
+    """The history as ``metrics.jsonl``'s text: one JSON record a line."""
+    return "".join(json.dumps(r) + "\n" for r in self.history)
 
   def close(self, title: str) -> None:
     """Closes TensorBoard and draws ``curves.png`` over all epochs of the run."""
@@ -110,7 +141,12 @@ class Metrics:
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: str, title: str) -> None:
-  """Loss and accuracy per epoch to a PNG (a bare matplotlib Figure: no pyplot, no GUI backend)."""
+  """Loss and accuracy per epoch to a PNG."""
+  curves_figure(history, title).savefig(path, dpi=100)
+
+
+def curves_figure(history: Sequence[dict[str, Any]], title: str):
+  """Loss and accuracy per epoch, ticks on whole epochs (a bare matplotlib Figure: no pyplot)."""
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
@@ -124,6 +160,6 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str, title: str) -> Non
   ax_acc.plot(epochs, [r["test_accuracy_percent"] for r in history], "s-", color="C1")
   ax_acc.set(xlabel="epoch", ylabel="%", title="test accuracy (%)")
   for ax in (ax_loss, ax_acc):
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, min_n_ticks=1))
   fig.suptitle(title, fontsize=9, wrap=True)
-  fig.savefig(path, dpi=100)
+  return fig

