@@ -4,8 +4,8 @@ For each shape ``(N, D, V)`` and dtype it compiles ``jax.value_and_grad`` (w.r.t
 weight, ``reduction="mean"``) of
 
 * ``jaxce``: ``jaxce.linear_cross_entropy(hidden, weight, labels, reduction="mean")``;
-* ``naive``: ``jaxce.sparse_cross_entropy(hidden @ weight, labels, reduction="mean")``, which
-  stores the ``[N, V]`` logits;
+* ``naive``: ``jaxce._linear.reference.linear_cross_entropy`` (``sparse_cross_entropy`` of
+  ``hidden @ weight``), which stores the ``[N, V]`` logits;
 * ``tokamax``: ``tokamax.linear_softmax_cross_entropy_loss(hidden, labels, weight,
   reduction="mean", implementation="chunked_xla")`` when tokamax imports (it needs Python >= 3.12);
 
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxce
+from jaxce._linear import reference
 
 try:
   import tokamax
@@ -89,7 +90,7 @@ def candidates(args, labels):
     return lambda h, w: jaxce.linear_cross_entropy(h, w, labels, reduction="mean", **options)
 
   def naive(h, w):
-    return jaxce.sparse_cross_entropy(h @ w, labels, reduction="mean")
+    return reference.linear_cross_entropy(h, w, labels, reduction="mean")
 
   def naive_optax(h, w):
     import optax  # noqa: PLC0415 (only for this candidate)
@@ -176,8 +177,9 @@ def check_gradients(fns, hidden, weight, labels):
   The reference is the naive version computed in float32 from the same inputs.
   """
   wide = [jnp.asarray(a, jnp.float32) for a in (hidden, weight)]
+
   def naive(h, w):
-    return jaxce.sparse_cross_entropy(h @ w, labels, reduction="mean")
+    return reference.linear_cross_entropy(h, w, labels, reduction="mean")
 
   ref = jax.jit(jax.grad(naive, argnums=(0, 1)))(*wide)
   ref = [np.asarray(g) for g in ref]

@@ -1,0 +1,326 @@
+"""``linear_cross_entropy``: validation, the static configuration and platform defaults.
+
+The public function checks its arguments, fixes the static configuration
+(:class:`Config`) and hands the arrays to :func:`_linear`, which turns labels
+and options into per-row coefficients and runs one of the two paths:
+:func:`fused.summed_loss` for the scalar reductions, :func:`recompute.row_losses`
+for ``reduction="none"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+from jax.typing import DTypeLike
+
+from jaxce import _common
+from jaxce import _core
+from jaxce import _labels
+from jaxce._linear import blocks
+from jaxce._linear import fused
+from jaxce._linear import recompute
+from jaxce._linear import sharded
+
+_FN = "jaxce.linear_cross_entropy"
+
+
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    class_weights: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    token_chunk_size: int | None = None,
+    grad_accumulation_dtype: DTypeLike | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    token_axes: str | tuple[str, ...] | None = None,
+    vocab_axis: str | tuple[str, ...] | None = None,
+) -> jax.Array:
+  r"""Sparse softmax cross-entropy of ``hidden @ weight + bias``, never storing the logits.
+
+  .. math::
+    \ell_n = (1-\varepsilon)\,w_{y_n}\,(\mathrm{lse}_n - z_{n,y_n})
+      + \varepsilon\,\tfrac{1}{C_n}\textstyle\sum_{c} w_c\,(\mathrm{lse}_n - z_{n,c})
+      + \zeta\,\mathrm{lse}_n^2,
+    \quad z = h W + b
+
+  Values and gradients (w.r.t. ``hidden``, ``weight``, ``bias``, and the
+  options) are those of ``jaxce.sparse_cross_entropy(hidden @ weight + bias,
+  labels, **options)`` with ``where`` applied per example; the ``[..., V]``
+  logits are never stored. With ``reduction="mean"`` or ``"sum"`` the gradients
+  are formed in the forward pass while each block of logits is live, so loss
+  plus gradients cost three matmuls (the naive version's count); temporary
+  memory is one block of ``[token_chunk_size, V]`` logits plus a
+  ``[D, chunk_size]`` weight-gradient tile. With ``reduction="none"`` the
+  backward recomputes ``[token_chunk_size, chunk_size]`` tiles (four matmuls).
+
+  Semantics (as :func:`jaxce.sparse_cross_entropy`): ``"mean"`` is PyTorch's
+  weighted mean ``Σ w[y]·ℓ / Σ w[y]`` over kept examples (0, with zero
+  gradients, when none is kept); ``ignore_index`` and ``where=False`` examples
+  give 0 and leave the mean; a column with a ``-inf`` bias is an impossible
+  class (no smoothing mass, zero gradient); out-of-range labels raise
+  ``ValueError`` when concrete and give a NaN loss and NaN gradients for their
+  example under ``jit`` (:func:`jaxce.checked` turns that into an error).
+  Logits are accumulated in float32 (float64 for float64 inputs); the loss is
+  float32 and each gradient has its input's dtype. Forward-over-reverse
+  (``jax.hessian``) and reverse-over-reverse work; plain ``jax.jvp`` raises, as
+  for every ``custom_vjp``.
+
+  With ``mesh``, the computation runs vocabulary-parallel under ``shard_map``:
+  ``hidden``/``labels``/``where`` split over ``token_axes`` on their first
+  axis, ``weight``'s columns, ``bias`` and ``class_weights`` over
+  ``vocab_axis``. Each device works on its ``[tokens, V / devices]`` share,
+  per-row statistics are combined across the vocabulary axis (``pmax``-style
+  merge, ``psum``), and no weight-sized array is all-gathered.
+
+  Args:
+    hidden: features ``[..., D]``.
+    weight: projection ``[D, V]``.
+    labels: integer class indices ``[...]`` (``hidden.shape[:-1]``).
+    bias: optional ``[V]``.
+    class_weights: optional per-class weights ``[V]`` (PyTorch ``weight``).
+    ignore_index: optional label value whose examples are skipped.
+    label_smoothing: :math:`\varepsilon \in [0, 1]`; the target becomes
+      ``(1-ε)·onehot + ε·w_c/C`` over the possible classes (PyTorch's rule).
+    where: optional boolean per-example mask, broadcastable to ``labels.shape``;
+      ``False`` examples count as ignored.
+    reduction: ``"none"`` (default, as optax), ``"mean"`` or ``"sum"``.
+    z_loss: coefficient :math:`\zeta \ge 0` of the ``lse²`` term (PaLM).
+    chunk_size: vocabulary columns per tile (need not divide V). Default on
+      CPU 1024; on GPU/TPU 8192, and the whole vocabulary for the fused
+      path's weight-gradient product.
+    token_chunk_size: tokens per block. Default for the scalar reductions:
+      the fewest even blocks whose float32 logits rows fit in 20 MiB on CPU,
+      480 MiB on GPU/TPU; 1024 for ``"none"``.
+    grad_accumulation_dtype: dtype of the weight- and bias-gradient
+      accumulators summed over token blocks. Default on CPU: float32 (float64
+      for float64 inputs). Default on GPU/TPU: a bf16/fp16 parameter's own
+      dtype, as Liger's kernel does: it halves the ``[D, V]`` buffer at one
+      rounding per token block (each block's product is summed in float32);
+      pass ``jnp.float32`` for float32 accumulation.
+    mesh: a :class:`jax.sharding.Mesh` to run vocabulary-parallel on, or None.
+    token_axes: mesh axis name(s) that split the tokens (with ``mesh``).
+    vocab_axis: mesh axis name(s) that split the vocabulary (with ``mesh``).
+
+  Returns:
+    float32 losses of ``labels.shape`` for ``reduction="none"``, else a scalar.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxce
+    >>> hidden = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> weight = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
+    >>> labels = jnp.array([0, 1, 2])
+    >>> jaxce.linear_cross_entropy(hidden, weight, labels)
+    Array([0.1698..., 0.6803..., 2.8715...], dtype=float32)
+    >>> jaxce.linear_cross_entropy(hidden, weight, labels, reduction="mean")
+    Array(1.2406..., dtype=float32)
+
+  References:
+    Liger Kernel ``LigerFusedLinearCrossEntropyLoss``; Wijmans et al., `Cut
+    Your Losses in Large-Vocabulary Language Models
+    <https://arxiv.org/abs/2411.09009>`_, 2024; Megatron-LM
+    ``vocab_parallel_cross_entropy``; ``torch.nn.functional.cross_entropy``.
+  """
+  fn = _FN
+  reduction = _common.check_reduction(reduction, fn)
+  ignore_index = _common.check_ignore_index(ignore_index, fn)
+  smoothing = _common.scalar_option(label_smoothing, "label_smoothing", fn, upper=1.0)
+  z = _common.scalar_option(z_loss, "z_loss", fn)
+  hidden = _common.as_array(hidden, "hidden", fn)
+  weight = _common.as_array(weight, "weight", fn)
+  _common.check_floating(hidden, "hidden", fn)
+  _common.check_floating(weight, "weight", fn)
+  if hidden.ndim < 1:
+    raise ValueError(f"{fn}: hidden must have shape [..., D]; got a scalar.")
+  if weight.ndim != 2 or weight.shape[0] != hidden.shape[-1]:
+    raise ValueError(f"{fn}: weight shape {tuple(weight.shape)} must be [D, V] with D = hidden's "
+                     f"last dimension; hidden shape is {tuple(hidden.shape)}.")
+  num_classes = weight.shape[1]
+  if num_classes == 0:
+    raise ValueError(f"{fn}: weight must have at least one class column; got shape "
+                     f"{tuple(weight.shape)}.")
+  if bias is not None:
+    bias = _common.as_array(bias, "bias", fn)
+    _common.check_floating(bias, "bias", fn)
+    _common.check_shape(bias, (num_classes,), "bias", "(V,) =", fn)
+  class_weights = _common.class_weights(class_weights, num_classes, fn)
+  labels, concrete = _labels.int_labels(labels, fn)
+  _common.check_shape(labels, hidden.shape[:-1], "labels", "hidden.shape[:-1]", fn)
+  mask = _common.mask_array(where, labels.shape, "labels", fn)
+  if concrete is not None and (mask is None or _common.is_concrete(mask)):
+    kept = concrete if mask is None else np.where(np.asarray(mask), concrete, 0)
+    _labels.check_labels(kept, num_classes, ignore_index, None, fn)
+  layout = sharded.make_layout(mesh, token_axes, vocab_axis, math.prod(labels.shape), num_classes,
+                               fn)
+  config = Config(
+      reduction=reduction,
+      ignore_index=ignore_index,
+      rows=_block_option(token_chunk_size, "token_chunk_size", fn),
+      cols=_block_option(chunk_size, "chunk_size", fn),
+      layout=layout,
+      accumulate=_accumulation_option(grad_accumulation_dtype, fn),
+      platform=platform(mesh),
+  )
+  return _linear(config, hidden, weight, bias, class_weights, labels, mask, smoothing, z)
+
+
+def platform(mesh) -> str:
+  """The platform the computation runs on, which picks the default block sizes."""
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+def _accumulation_option(value: Any, fn: str) -> str | None:
+  if value is None:
+    return None
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{fn}: grad_accumulation_dtype must be a floating-point dtype or None; "
+                    f"got {value!r}.")
+  return dtype.name
+
+
+def _block_option(value: Any, name: str, fn: str) -> int | None:
+  if value is None:
+    return None
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
+    return int(value)
+  raise ValueError(f"{fn}: {name} must be a positive int or None; got {value!r}.")
+
+
+# ---------------------------------------------------------------------------
+# Static configuration and platform defaults.
+# ---------------------------------------------------------------------------
+
+
+class Blocks(NamedTuple):
+  """Default block sizes of a platform.
+
+  ``row_bytes``: temporary memory the fused path may spend on one block of
+  full logits rows (``rows = row_bytes // (4 · V)``, at least 8, V per device,
+  split into even blocks); ``fused_cols``: vocabulary columns per
+  weight-gradient product of the fused path (None: all at once); ``cols`` and
+  ``tile_rows``: the ``[rows, cols]`` tiles of the recompute path.
+  """
+
+  row_bytes: int
+  cols: int
+  tile_rows: int
+  fused_cols: int | None
+
+
+# CPU: cache-sized blocks and weight-gradient tiles keep the temporaries below
+# tokamax chunked_xla's at no cost in time; GPU/TPU: blocks large enough to keep
+# the matrix units busy. Measurements: docs/benchmarks.md.
+BLOCKS = {
+    "cpu": Blocks(row_bytes=20 * 2**20, cols=1024, tile_rows=1024, fused_cols=1024),
+    "accelerator": Blocks(row_bytes=480 * 2**20, cols=8192, tile_rows=1024, fused_cols=None),
+}
+
+
+def default_blocks(platform: str) -> Blocks:
+  return BLOCKS["cpu" if platform == "cpu" else "accelerator"]
+
+
+class Config(NamedTuple):
+  """Static options of the numeric core (hashable: one compilation per value)."""
+
+  reduction: str
+  ignore_index: int | None
+  rows: int | None  # token_chunk_size
+  cols: int | None  # chunk_size
+  layout: sharded.Layout
+  accumulate: str | None = None  # dtype name of the weight/bias gradient accumulators
+  platform: str = "cpu"  # picks the default block sizes
+
+  @property
+  def tile_cols(self) -> int:
+    """Vocabulary columns per tile."""
+    return self.cols or default_blocks(self.platform).cols
+
+  @property
+  def tile_rows(self) -> int:
+    """Tokens per tile of the recompute path (``reduction="none"``)."""
+    return self.rows or default_blocks(self.platform).tile_rows
+
+  def accumulator(self, param_dtype, dtype) -> jnp.dtype:
+    """Dtype of a weight or bias gradient summed over token blocks.
+
+    ``grad_accumulation_dtype`` when given. Otherwise, on GPU/TPU, a 16-bit
+    parameter's own dtype (Liger's choice: the fused path's few large blocks
+    add one rounding each, and a float32 ``[D, V]`` buffer would cost more than
+    the blocks themselves); everywhere else the compute dtype.
+    """
+    if self.accumulate:
+      return jnp.dtype(self.accumulate)
+    if self.platform != "cpu" and jnp.dtype(param_dtype).itemsize < 4:
+      return jnp.dtype(param_dtype)
+    return jnp.dtype(dtype)
+
+  def fused_cols(self, num_classes: int) -> int:
+    """Vocabulary columns per weight-gradient tile of the fused path."""
+    return self.cols or default_blocks(self.platform).fused_cols or num_classes
+
+  def fused_rows(self, num_rows: int, num_classes: int, dtype) -> int:
+    """Tokens per block of full logits rows in the fused path.
+
+    By default the fewest blocks whose float32 logits fit the platform's
+    budget, split evenly (rounded up to a multiple of 8), so that no block
+    mostly repeats its predecessor's rows.
+    """
+    if self.rows:
+      return self.rows
+    most = max(8, default_blocks(self.platform).row_bytes
+               // (num_classes * jnp.dtype(dtype).itemsize))
+    count = -(-num_rows // most)
+    rows = -(-num_rows // max(count, 1))
+    return min(most, rows + (-rows) % 8) if rows > 8 else 8
+
+
+# ---------------------------------------------------------------------------
+# The numeric core: labels and options to per-row coefficients, then a path.
+# ---------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _linear(config: Config, hidden, weight, bias, class_weights, labels, mask, smoothing, z):
+  """The numeric core of :func:`linear_cross_entropy`, compiled once per static configuration."""
+  num_classes, batch_shape = weight.shape[1], labels.shape
+  labels = labels.reshape(-1)
+  lab = _labels.resolve_labels(labels, num_classes, config.ignore_index)
+  keep, bad = lab.keep, lab.bad
+  if mask is not None:
+    keep, bad = keep & mask.reshape(-1), bad & mask.reshape(-1)
+  _labels.debug_check_labels(bad, num_classes, config.ignore_index, False, _FN)
+  smoothing, z = _common.option_or_nan(smoothing, 1.0), _common.option_or_nan(z)
+  dtype = _common.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
+  ones = jnp.ones(labels.shape, dtype)
+  w_y = ones if class_weights is None else class_weights.astype(dtype)[lab.index]
+  target = _core.Target(
+      w_y if smoothing is None else (1.0 - smoothing) * w_y,
+      None if smoothing is None else smoothing * ones,
+      None if z is None else z * ones,
+  )
+  params = blocks.Params(hidden.reshape(-1, hidden.shape[-1]), weight, bias, class_weights)
+  rows = blocks.Rows(lab.index, keep, bad, target)
+  if config.reduction == "none":
+    return recompute.row_losses(config, params, rows).reshape(batch_shape)
+  total = fused.summed_loss(config, params, rows)
+  return _common.reduce_loss(total[None], config.reduction, jnp.where(keep, w_y, 0.0))

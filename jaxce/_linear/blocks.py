@@ -1,0 +1,320 @@
+"""Blocking and the block maths both paths share.
+
+The maths is :mod:`jaxce._core`'s: per-block row statistics merged online
+(:func:`_core.merge_stats`), the target loss (:func:`_core.target_loss`) and the
+gradient of a block of logits columns (:func:`_core.grad_scales`,
+:func:`_core.logits_grad`). Here: the arrays a pass reads and writes, the
+statistics of a block of logits and their merge (across devices too), and the
+loop over equal-sized blocks that both paths run.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxce import _common
+from jaxce import _core
+
+
+class Params(NamedTuple):
+  """The differentiable arrays the logits depend on."""
+
+  hidden: jax.Array  # [N, D]
+  weight: jax.Array  # [D, V], the projection
+  bias: jax.Array | None  # [V]
+  class_weights: jax.Array | None  # [V]; the loss depends on them through smoothing
+
+
+class Rows(NamedTuple):
+  """Per-row inputs of a pass, ``[N]`` each.
+
+  ``target`` holds the loss coefficients of every row (they are not masked);
+  ``keep``/``bad`` mask the rows once, at the loss and at the row cotangent.
+  """
+
+  index: jax.Array
+  keep: jax.Array
+  bad: jax.Array
+  target: _core.Target
+
+
+class Grads(NamedTuple):
+  """Gradient accumulators (None: not wanted).
+
+  ``hidden`` has the hidden's dtype: each row is written once, when its block
+  is done. ``class_weights`` accumulates over token blocks in the compute
+  dtype; ``weight`` and ``bias`` in the config's accumulator dtype (each
+  block's share is still summed in float32 and rounded once).
+  """
+
+  hidden: jax.Array
+  weight: jax.Array
+  bias: jax.Array | None
+  class_weights: jax.Array | None
+
+
+def compute_dtype(params: Params):
+  """The dtype logits and statistics are accumulated in (at least float32)."""
+  return _common.compute_dtype(jnp.result_type(params.hidden.dtype, params.weight.dtype))
+
+
+def matmul_dtype(params: Params):
+  """The matmul dtype of the logits gradient (bf16 stays bf16, as in the naive version)."""
+  return jnp.result_type(params.hidden.dtype, params.weight.dtype)
+
+
+def zero_grads(config, params: Params, dtype, want_class_weights: bool) -> Grads:
+  return Grads(
+      jnp.zeros(params.hidden.shape, params.hidden.dtype),
+      jnp.zeros(params.weight.shape, config.accumulator(params.weight.dtype, dtype)),
+      None if params.bias is None else jnp.zeros(
+          params.bias.shape, config.accumulator(params.bias.dtype, dtype)),
+      jnp.zeros(params.class_weights.shape, dtype) if want_class_weights else None,
+  )
+
+
+# ---------------------------------------------------------------------------
+# Per-row statistics of a block of logits columns, and their online merge.
+# ---------------------------------------------------------------------------
+
+
+class Stats(NamedTuple):
+  """Per-row results of a pass over (part of) the vocabulary, ``[R]`` each.
+
+  ``label`` is the label's logit ``x_y`` where the label's column was in the
+  pass, else 0 (so passes merge by adding it).
+  """
+
+  row: _core.RowStats
+  label: jax.Array
+  smooth: _core.SmoothStats | None
+
+  @property
+  def nll(self) -> jax.Array:
+    """``lse − x_y``, with the shift taken out of both terms (exact for huge logits)."""
+    return self.row.log_total - (self.label - self.row.shift)
+
+
+def empty_stats(rows: int, dtype, smooth: bool) -> Stats:
+  zeros = jnp.zeros(rows, dtype)
+  return Stats(_core.empty_stats(rows, dtype), zeros,
+               _core.SmoothStats(zeros, zeros, zeros) if smooth else None)
+
+
+def block_stats(x, index, start, class_weights, smooth: bool):
+  """``(stats, e)`` of logits columns ``[start, start + size)``: ``x [R, size]``."""
+  row, e = _core.row_stats(x)
+  local = index - start
+  inside = (local >= 0) & (local < x.shape[1])
+  picked = jnp.take_along_axis(x, jnp.clip(local, 0, x.shape[1] - 1)[:, None], axis=1)[:, 0]
+  smooth_stats = _core.smooth_stats(x, row.shift, class_weights) if smooth else None
+  return Stats(row, jnp.where(inside, picked, 0.0), smooth_stats), e
+
+
+def merge(a: Stats, b: Stats) -> Stats:
+  row = _core.merge_stats(a.row, b.row)
+  smooth = None
+  if a.smooth is not None:
+    smooth = _core.merge_smooth(a.smooth, b.smooth, a.row.shift, b.row.shift, row.shift)
+  return Stats(row, a.label + b.label, smooth)
+
+
+def combine(stats: Stats, axis) -> Stats:
+  """Merges each device's statistics over the vocabulary axis (identity on one device).
+
+  An all-gather of a few numbers per row, folded with :func:`merge`: the
+  ``pmax``/``psum`` of the online logsumexp, and the label logit of the one
+  device that owns the label's column.
+  """
+  if axis is None:
+    return stats
+  gathered = lax.all_gather(stats, axis)
+  devices = gathered.label.shape[0]
+  return functools.reduce(merge, [jax.tree.map(lambda v, k=k: v[k], gathered)
+                                  for k in range(devices)])
+
+
+def loss(target: _core.Target, stats: Stats) -> jax.Array:
+  return _core.target_loss(target, stats.row, stats.nll, stats.smooth)
+
+
+def mask_losses(rows: Rows, losses: jax.Array) -> jax.Array:
+  """The one place values are masked: 0 for dead rows, NaN for bad labels."""
+  return jnp.where(rows.bad, jnp.nan, jnp.where(rows.keep, losses, 0.0))
+
+
+def row_cotangent(rows: Rows, g: jax.Array) -> jax.Array:
+  """The one place gradients are masked: 0 for dead rows, NaN for bad labels that are used."""
+  g = jnp.where(rows.keep, g, 0.0)
+  return jnp.where(rows.bad & (g != 0), jnp.nan, g)
+
+
+def target_cotangent(target, stats: Stats, g) -> _core.Target:
+  """Cotangents of the per-row coefficients (``g·∂ℓ/∂target``): the loss is linear in them."""
+  _, vjp = jax.vjp(lambda t: loss(t, stats), target)
+  return vjp(jnp.where(g == 0, 0.0, g))[0]
+
+
+def param_cotangents(params: Params, grads: Grads, g) -> Params:
+  """``g·grads`` in each parameter's dtype (None: zero)."""
+
+  def cotangent(p, d):
+    return None if p is None or d is None else (g * d).astype(p.dtype)
+
+  return Params(*map(cotangent, params, grads))
+
+
+def rows_cotangent(d_target: _core.Target) -> Rows:
+  """The cotangent of :class:`Rows`: only the target coefficients are differentiable."""
+  return Rows(None, None, None, d_target)
+
+
+# ---------------------------------------------------------------------------
+# Blocking.
+# ---------------------------------------------------------------------------
+
+
+def over(carry, total: int, size: int, step: Callable):
+  """Runs ``carry = step(carry, start, size, skip)`` over ``[0, total)`` in blocks of ``size``.
+
+  All ``ceil(total / size)`` blocks have the same static size: when ``size``
+  does not divide ``total`` the last block starts at ``total − size`` and its
+  first ``skip`` positions repeat its predecessor's, which ``step`` must leave
+  out (``skip`` is None when no block overlaps). One loop body, so nothing is
+  padded or copied and a remainder adds no second copy of the step to compile.
+  """
+  if total == 0:
+    return carry
+  size = min(size, total)
+  count = -(-total // size)
+  if count == 1:
+    return step(carry, 0, size, None)
+  overlap = count * size != total
+
+  def body(i, carry):
+    start = jnp.minimum(i * size, total - size)
+    return step(carry, start, size, i * size - start if overlap else None)
+
+  return lax.fori_loop(0, count, body, carry)
+
+
+def _fresh(size: int, skip) -> jax.Array | None:
+  """Boolean ``[size]``: the positions of a block that no earlier block covered (None: all)."""
+  return None if skip is None else jnp.arange(size) >= skip
+
+
+def fresh_columns(x, index, start, skip):
+  """Logits with repeated columns impossible (``-inf``) and labels there dropped."""
+  fresh = _fresh(x.shape[1], skip)
+  if fresh is None:
+    return x, index
+  return jnp.where(fresh[None, :], x, -jnp.inf), jnp.where(index - start >= skip, index, -1)
+
+
+def zero_columns(block, skip):
+  """A tile with its repeated columns zeroed (they add nothing to the weight gradient)."""
+  fresh = _fresh(block.shape[1], skip)
+  return block if fresh is None else jnp.where(fresh[None, :], block, 0)
+
+
+def fresh_rows(tree, skip):
+  """Row-major arrays with repeated rows zeroed (so they add nothing to a sum over rows)."""
+  if skip is None:
+    return tree
+  fresh = _fresh(jax.tree.leaves(tree)[0].shape[0], skip)
+  return jax.tree.map(lambda v: jnp.where(fresh.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0), tree)
+
+
+def slice_rows(tree, start, size):
+  return jax.tree.map(lambda v: lax.dynamic_slice_in_dim(v, start, size, 0), tree)
+
+
+def put_rows(tree, part, start):
+  return jax.tree.map(lambda v, p: lax.dynamic_update_slice_in_dim(v, p.astype(v.dtype), start, 0),
+                      tree, part)
+
+
+def cols(array, start, size):
+  """Columns ``[start, start + size)`` of ``array``'s last axis (None stays None)."""
+  if array is None or size == array.shape[-1]:
+    return array
+  return lax.dynamic_slice_in_dim(array, start, size, array.ndim - 1)
+
+
+def add_cols(array, part, start):
+  """``array[..., start:start + size] += part``, added in ``part``'s dtype and rounded once."""
+  if part.shape[-1] == array.shape[-1]:
+    return (array.astype(part.dtype) + part).astype(array.dtype)
+  old = lax.dynamic_slice_in_dim(array, start, part.shape[-1], array.ndim - 1)
+  new = (old.astype(part.dtype) + part).astype(array.dtype)
+  return lax.dynamic_update_slice_in_dim(array, new, start, array.ndim - 1)
+
+
+# ---------------------------------------------------------------------------
+# Block maths: logits, their gradient, and its products.
+# ---------------------------------------------------------------------------
+
+
+def logits(hidden, weight, bias, start, size, dtype):
+  """Logits ``[R, size]`` of vocabulary columns ``[start, start + size)`` in ``dtype``."""
+  x = jnp.dot(hidden, cols(weight, start, size), preferred_element_type=dtype)
+  if bias is not None:
+    x = x + cols(bias, start, size).astype(dtype)[None, :]
+  return x
+
+
+def logits_grad(x, e, scales, class_weights, index, start, mm_dtype) -> jax.Array:
+  """The logits gradient of a block of columns ``[start, start + size)``, in ``mm_dtype``.
+
+  The label term ``−at_label·[c = y]`` is a select fused into the same
+  elementwise pass (and the cast), not a scatter: XLA:CPU copies a block
+  before scattering into it, which would cost a second ``[R, size]`` buffer.
+  """
+  possible = None if scales.per_class is None else x > -jnp.inf
+  dl = _core.logits_grad(e, scales, None, possible=possible, weights=class_weights)
+  at_label = lax.broadcasted_iota(jnp.int32, dl.shape, 1) + start == index[:, None]
+  return jnp.where(at_label, dl - scales.at_label[:, None], dl).astype(mm_dtype)
+
+
+def hidden_grad(dl_mm, weight_cols, dtype):
+  """``dl @ W_colsᵀ``: ``[R, D]``.
+
+  Computed as ``(W_cols · dlᵀ)ᵀ``: that product's ``[D, R]`` layout is faster
+  on XLA:CPU for few rows and many columns (docs/benchmarks.md); the barrier
+  keeps XLA from folding the transpose back into the dot.
+  """
+  d_h = lax.dot_general(weight_cols, dl_mm, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
+  return lax.optimization_barrier(d_h).T
+
+
+def add_weight_tile(grads: Grads, hidden_fresh, dl_mm, start, skip, platform: str) -> Grads:
+  """Adds the weight and bias gradients of a ``[R, size]`` tile of the logits gradient.
+
+  Rows before ``skip`` repeat an earlier block's and add nothing (their
+  ``hidden_fresh`` rows are zero). The tile's product is summed in float32 and
+  added to a low-precision accumulator with one rounding: as a float32 add, or
+  on GPU by asking for the product in the accumulator's dtype so that XLA folds
+  the add into the cuBLAS matmul's epilogue (``C + A·B`` in float32, rounded
+  once, with no ``[D, size]`` float32 temporary).
+  """
+  product_dtype = (grads.weight.dtype if platform == "gpu"
+                   else _common.compute_dtype(grads.weight.dtype))
+  d_w = lax.dot_general(hidden_fresh, dl_mm, (((0,), (0,)), ((), ())),
+                        preferred_element_type=product_dtype)
+  grads = grads._replace(weight=add_cols(grads.weight, d_w, start))
+  if grads.bias is not None:
+    d_b = jnp.sum(fresh_rows(dl_mm, skip), axis=0, dtype=_common.compute_dtype(grads.bias.dtype))
+    grads = grads._replace(bias=add_cols(grads.bias, d_b, start))
+  return grads
+
+
+def class_weights_grad(x, scales: _core.GradScales, lse) -> jax.Array:
+  """``Σ_rows per_class·[possible]·(lse − x)``: the smoothing term's gradient w.r.t. the weights."""
+  terms = scales.per_class[:, None] * (lse[:, None] - x)
+  return jnp.sum(jnp.where(x > -jnp.inf, terms, 0.0), axis=0)

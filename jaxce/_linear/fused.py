@@ -1,0 +1,105 @@
+"""The fused path (``reduction="mean"``/``"sum"``): gradients formed in the forward pass.
+
+The forward takes a block of tokens at a time, forms their full rows of
+logits (``[rows, V]``, the only large temporary), finishes their statistics
+and turns the block straight into its share of every gradient while it is
+live (as Liger's fused linear cross-entropy does). The backward only scales
+the stored gradients by the cotangent, so loss and gradients cost the naive
+version's three matmuls, not four.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxce import _common
+from jaxce import _core
+from jaxce._linear import blocks
+from jaxce._linear import recompute
+from jaxce._linear import sharded
+from jaxce._linear.blocks import Params
+from jaxce._linear.blocks import Rows
+from jaxce._linear.sharded import Layout
+
+
+def _fused_pass(config, params: Params, rows: Rows, layout: Layout):
+  """Per-row statistics and the gradients of ``Σ_n ℓ_n`` in one pass over the logits.
+
+  Takes ``rows`` tokens at a time, forms their full rows of (local) logits,
+  finishes their statistics and, while the block is live, turns it into its
+  share of every gradient. Returns ``(stats, grads)``.
+  """
+  axis = layout.vocab_axis
+  num_rows, num_classes = rows.index.shape[0], params.weight.shape[1]
+  dtype = blocks.compute_dtype(params)
+  offset = sharded.vocab_offset(layout, num_classes)
+  smooth = rows.target.smooth is not None
+  want_class_weights = params.class_weights is not None and smooth
+  block_rows = config.fused_rows(num_rows, num_classes, dtype)
+  g = blocks.row_cotangent(rows, jnp.ones(num_rows, dtype))
+  mm_dtype = blocks.matmul_dtype(params)
+
+  def token_block(carry, start, size, row_skip):
+    out, grads = carry
+    h, idx, target, g_rows = blocks.slice_rows(
+        (params.hidden, rows.index - offset, rows.target, g), start, size)
+    h_fresh = blocks.fresh_rows(h, row_skip)
+    x = blocks.logits(h, params.weight, params.bias, 0, num_classes, dtype)
+    local, e = blocks.block_stats(x, idx, 0, params.class_weights, smooth)
+    stats = blocks.combine(local, axis)
+    scales = _core.grad_scales(target, stats.row, stats.smooth, g_rows)
+    if axis is not None:  # e is relative to this device's shift, not the row's
+      rescale = jnp.where(local.row.has_mass, jnp.exp(local.row.shift - stats.row.shift), 0.0)
+      scales = scales._replace(probs=scales.probs * rescale)
+    if want_class_weights:
+      grads = grads._replace(class_weights=grads.class_weights + blocks.class_weights_grad(
+          x, blocks.fresh_rows(scales, row_skip), stats.row.safe_lse))
+    dl_mm = blocks.logits_grad(x, e, scales, params.class_weights, idx, 0, mm_dtype)
+    grads = grads._replace(hidden=blocks.put_rows(
+        grads.hidden, blocks.hidden_grad(dl_mm, params.weight, dtype), start))
+
+    def weight_tile(grads, c0, cols, col_skip):
+      dl_cols = blocks.zero_columns(blocks.cols(dl_mm, c0, cols), col_skip)
+      return blocks.add_weight_tile(grads, h_fresh, dl_cols, c0, row_skip, config.platform)
+
+    grads = blocks.over(grads, num_classes, config.fused_cols(num_classes), weight_tile)
+    return blocks.put_rows(out, stats, start), grads
+
+  init = (blocks.empty_stats(num_rows, dtype, smooth),
+          blocks.zero_grads(config, params, dtype, want_class_weights))
+  stats, grads = blocks.over(init, num_rows, block_rows, token_block)
+  return stats, sharded.reduce_grads(grads, layout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def summed_loss(config, params: Params, rows: Rows) -> jax.Array:
+  """``Σ_n`` of the masked per-row losses (pairwise); gradients formed in the forward pass.
+
+  Undifferentiated, it is the recompute path's forward: statistics only, tile by tile.
+  """
+  return _common.pairwise_sum(recompute.row_losses(config, params, rows))
+
+
+def _run_fused(config, params, rows):
+  layout = config.layout
+  return sharded.run(layout, lambda p, r, lay: _fused_pass(config, p, r, lay), (params, rows),
+                     (layout.params, layout.rows), (layout.rows, layout.grads))
+
+
+def _summed_loss_fwd(config, params, rows):
+  stats, grads = _run_fused(config, params, rows)
+  g_rows = blocks.row_cotangent(rows, jnp.ones(rows.index.shape, stats.label.dtype))
+  loss = _common.pairwise_sum(blocks.mask_losses(rows, blocks.loss(rows.target, stats)))
+  return loss, (params, grads, blocks.target_cotangent(rows.target, stats, g_rows))
+
+
+def _summed_loss_bwd(config, residuals, g):
+  params, grads, d_target = residuals
+  d_target = jax.tree.map(lambda t: g * t, d_target)
+  return blocks.param_cotangents(params, grads, g), blocks.rows_cotangent(d_target)
+
+
+summed_loss.defvjp(_summed_loss_fwd, _summed_loss_bwd)
