@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -242,14 +243,23 @@ def _err(value):
   return "—" if value is None else f"{value:.2e}"
 
 
+def error_line(text: str | None) -> str:
+  """The line of an error text or a traceback that says what went wrong."""
+  lines = [line.strip() for line in (text or "").splitlines()]
+  lines = [line for line in lines if line and not line.startswith(("For simplicity", "-----"))]
+  said = [line for line in lines if re.match(r"^([\w.]+(Error|Exception)\b|\S+: error:)", line)]
+  return (said or lines or [""])[-1].replace("|", "/")
+
+
 def candidate_rows(case: dict, baseline: str | None) -> list[str]:
   rows = []
   base = _min_ms(case["candidates"].get(baseline)) if baseline else None
-  for name, c in case["candidates"].items():
+  # JAX candidates first, then PyTorch, whichever worker finished first.
+  items = sorted(case["candidates"].items(), key=lambda kv: kv[1].get("framework") != "jax")
+  for name, c in items:
     if c.get("status") != "ok":
-      why = (c.get("error") or "").strip().splitlines()
       rows.append(f"| {name} | {c.get('framework', '')} | {c.get('status')}: "
-                  f"{(why[-1] if why else '')[:160]} | | | | | |")
+                  f"{error_line(c.get('error'))[:200]} | | | | | |")
       continue
     t = c["time_ms"]
     grads = c.get("grad_error") or {}
@@ -315,7 +325,7 @@ def render_markdown(results: dict) -> str:
       note = (f"stopped after {r.get('epochs_done')} epochs; projected whole process "
               f"{_fmt(r.get('projected_wall_s'), 1)} s. {note}")
     if r.get("status") != "ok" and r.get("error"):
-      note = r["error"].strip().splitlines()[-1][:200] if r["error"].strip() else note
+      note = error_line(r["error"])[:200]
     lines.append(f"| {name} | {r.get('status')} | {_fmt(r.get('wall_s'), 1)} "
                  f"| {_fmt(r.get('compile_s'), 2)} | {_fmt(r.get('examples_per_s'), 0)} "
                  f"| {_fmt(r.get('test_accuracy_percent'), 2)} | {note} |")
@@ -330,12 +340,11 @@ def render_markdown(results: dict) -> str:
                 f"{_fmt(step['ratio_of_mins'], 3)}x of minima, "
                 f"{_fmt(step['ratio_median'], 3)}x median of rounds."]
     else:
-      lines += ["", f"Steady-state step: {step.get('status')}: {step.get('error', '')[-300:]}"]
+      lines += ["", f"Steady-state step: {step.get('status')}: {error_line(step.get('error'))}"]
   errors = results.get("errors", {})
   if errors:
     lines += ["", "## Parts that failed", ""]
-    lines += [f"- {k}: {v.strip().splitlines()[-1][:300] if v.strip() else v}"
-              for k, v in errors.items()]
+    lines += [f"- {k}: {error_line(v)[:300]}" for k, v in errors.items()]
   return "\n".join(lines) + "\n"
 
 
@@ -499,8 +508,17 @@ class Suite:
           f"{', timed out' if proc.get('timed_out') else ''}; {self.left():.0f} s left",
           flush=True)
 
+  def out_of_time(self, part: str) -> bool:
+    if self.left() >= 15:
+      return False
+    with self.lock:
+      self.results["errors"][part] = f"not run: {self.left():.0f} s of the budget left"
+    return True
+
   def worker(self, part: str, script: str, extra: list[str]) -> dict:
     """Runs a worker that writes its results to a JSON file; returns them (partial on a crash)."""
+    if self.out_of_time(part):
+      return {}
     budget = self.share(part)
     path = os.path.join(self.tmp, f"{part}.json")
     cmd = [sys.executable, os.path.join(HERE, script), "--result", path,
@@ -585,6 +603,8 @@ class Suite:
             f"--config.num_test_examples={self.args.smoke_examples // 2}"]
 
   def train_py(self, timeout_s: float) -> dict:
+    if self.out_of_time("train.py"):
+      return {"status": "skipped", "error": "out of budget"}
     with tempfile.TemporaryDirectory(prefix="gpu_suite_train_") as workdir:
       cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
              os.path.join(REPO, "configs", "default.py"), f"--workdir={workdir}",
@@ -610,6 +630,8 @@ class Suite:
   def torch_run(self, mode: str, budget_s: float, timeout_s: float) -> dict:
     """A PyTorch MNIST run (``seed`` or ``tuned``) as a whole process; a seed run cut by the
     budget is projected from the epochs it finished."""
+    if self.out_of_time(f"torch {mode}"):
+      return {"status": "skipped", "error": "out of budget"}
     path = os.path.join(self.tmp, f"torch-{mode}.json")
     cmd = [sys.executable, os.path.join(HERE, "gpu_suite_torch.py"), "--mode", mode, "--result",
            path, "--budget", f"{budget_s:.0f}", "--mnist", os.path.abspath(self.args.mnist),

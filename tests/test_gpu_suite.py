@@ -141,6 +141,16 @@ class TestReport:
     assert "hidden 1.00e-03" in text and "ValueError: bad" in text
     assert "jaxce time / liger time" in text and "| n/a |" in text
 
+  def test_error_line_says_what_went_wrong(self):
+    jax_error = ("AttributeError: no attribute varying\n--------------------\n"
+                 "For simplicity, JAX has removed its internal frames")
+    assert gpu_suite.error_line(jax_error) == "AttributeError: no attribute varying"
+    stderr = "Traceback (most recent call last):\n  File 'x'\nValueError: a | b\nI1203 log\n"
+    assert gpu_suite.error_line(stderr) == "ValueError: a / b"  # no table-breaking pipes
+    assert gpu_suite.error_line("x\ntrain.py: error: no data\n") == "train.py: error: no data"
+    assert gpu_suite.error_line("just text") == "just text"
+    assert gpu_suite.error_line(None) == ""
+
   def test_stages(self):
     assert gpu_suite.stages("sparse", "bfloat16", False) == ("forward", "forward+backward")
     assert gpu_suite.stages("sparse", "float32", True) == ("forward", "forward+backward")
