@@ -560,6 +560,7 @@ class Suite:
     with self.lock:
       self.results["meta"]["device"] = got.get("device")
       self.results["meta"]["jax_environment"] = got.get("environment")
+      self.results["meta"]["jaxce_path"] = got.get("jaxce_path")
       if got.get("step"):
         self.results["train"]["step"] = got["step"]
     self.merge(got)

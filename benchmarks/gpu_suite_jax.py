@@ -49,6 +49,7 @@ class Worker:
     self.deadline = self.start + args.budget
     device = jax.devices()[0]
     self.out = {"device": f"{device.platform}: {device.device_kind} x{jax.device_count()}",
+                "jaxce_path": os.path.dirname(jaxce.__file__),
                 "linear": [], "sparse": [], "dense": [], "step": None, "skipped": {}}
     try:
       self.out["environment"] = jax.print_environment_info(return_string=True)
