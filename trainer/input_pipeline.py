@@ -174,12 +174,6 @@ def load_idx_dir(data_dir: str) -> Dataset:
 # ------------------------------------------------------------------ tensorflow-datasets
 
 
-def _tfds_builder(tfds_data_dir: str | None):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
-
-  return tfds.builder("mnist", data_dir=tfds_data_dir or None)
-
-
 class _OwnTempDir:
   """Points ``tempfile`` into a folder deleted afterwards: tfds leaves a ``tmp*tfds`` folder in
   the system's temporary folder each time it builds dataset metadata."""
@@ -191,6 +185,13 @@ class _OwnTempDir:
   def __exit__(self, *exc):
     tempfile.tempdir = self._previous
     self._folder.cleanup()
+
+
+def _tfds_builder(tfds_data_dir: str | None):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+
+  with _OwnTempDir():
+    return tfds.builder("mnist", data_dir=tfds_data_dir or None)
 
 
 def _tfds_archive_paths(builder) -> dict[str, str]:
@@ -225,8 +226,7 @@ def _host_reachable(url: str, timeout: float = 5.0) -> bool:
 def tfds_unavailable_reason(tfds_data_dir: str | None = None) -> str | None:
   """``None`` when tfds can give MNIST now; otherwise why not (checked in seconds, not minutes)."""
   try:
-    with _OwnTempDir():
-      builder = _tfds_builder(tfds_data_dir)
+    builder = _tfds_builder(tfds_data_dir)
     if builder.is_prepared() or _tfds_archives_cached(builder):
       return None
     url = next(iter(builder.url_infos))
@@ -248,7 +248,9 @@ def load_tfds(tfds_data_dir: str | None = None) -> Dataset:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   try:
-    sources = tfds.data_source("mnist", split=["train", "test"], data_dir=tfds_data_dir or None)
+    with _OwnTempDir():
+      sources = tfds.data_source("mnist", split=["train", "test"],
+                                 data_dir=tfds_data_dir or None)
     train, test = (_split_from_source(s) for s in sources)
     return Dataset(train, test, name="mnist", source="tensorflow-datasets")
   except ModuleNotFoundError as e:  # Preparing needs TensorFlow; the archives are cached by now.
@@ -334,8 +336,7 @@ def load_mnist(data_dir: str | None, *, tfds_data_dir: str | None = None) -> Dat
   reason = tfds_unavailable_reason(tfds_data_dir)
   if reason is None:
     try:
-      with _OwnTempDir():
-        return load_tfds(tfds_data_dir)
+      return load_tfds(tfds_data_dir)
     except Exception as e:  # noqa: BLE001  (fall back loudly; the reason goes into the notice)
       reason = f"tensorflow-datasets failed: {e!r}"
   logging.warning("MNIST unavailable (%s); falling back to the offline subset.", reason)
