@@ -487,9 +487,12 @@ class TestSubsets:
     picked = input_pipeline.balanced_indices(labels, 20, seed=0)
     assert np.bincount(labels[picked]).tolist() == [3, 9, 8] and len(set(picked.tolist())) == 20
 
-  def test_summary_and_run_file_say_which_subset(self, mnist_dir, tmp_path):
+  def test_summary_run_file_and_log_say_which_subset(self, mnist_dir, tmp_path, caplog):
     config = tiny_config(mnist_dir, num_epochs=1, num_train_examples=150, num_test_examples=60)
-    _, summary = loop.train_and_evaluate(config, str(tmp_path))
+    with caplog.at_level("INFO"):
+      _, summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert any(m.startswith("examples of each digit 0-9: train [") and "150 of 200" in m
+               for m in caplog.messages)
     assert summary["num_train"] == 150 and sum(summary["train_per_class"]) == 150
     assert sum(summary["test_per_class"]) == 60 and "150 of 200 train" in summary["subset"]
     with open(tmp_path / "run.json") as f:

@@ -37,6 +37,8 @@ class Console:
       logging.warning("\n%s\n%s\n%s", banner, data.notice, banner)
     self.info("data: %s from %s: %d train, %d test examples (sha256 %s)", data.name, data.source,
               len(data.train), len(data.test), data.fingerprint[:12])
+    self.info("examples of each digit 0-9: train %s, test %s%s", data.train.class_counts(),
+              data.test.class_counts(), f"; {data.subset}" if data.subset else "")
 
   def progress(self, epoch: int, num_epochs: int, steps: int) -> tqdm.tqdm:
     """The bar of one epoch, in steps; the running training loss goes in its postfix."""

@@ -35,10 +35,10 @@ from trainer.metrics import Metrics
 # Config fields that change what a run computes: a rerun in the same workdir must keep them.
 RESULT_FIELDS = ("hidden_sizes", "learning_rate", "momentum", "batch_size", "seed",
                  "num_train_examples", "num_test_examples")
-# The copy of metrics.jsonl that each checkpoint keeps (a resume restores lost records from it).
-METRICS_COPY = "metrics.jsonl"
 # Fields a rerun may change: where the data is read from, how long to train, how work is cut up.
 FREE_FIELDS = ("data_dir", "tfds_data_dir", "num_epochs", "max_steps_per_call", "eval_batch_size")
+# The copy of metrics.jsonl that each checkpoint keeps (a resume restores lost records from it).
+METRICS_COPY = "metrics.jsonl"
 
 
 def validate_config(config, num_devices: int) -> None:
