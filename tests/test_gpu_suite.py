@@ -296,4 +296,5 @@ class TestSmokeRun:
     assert not results["errors"], results["errors"]
 
   def test_smoke_run_is_quick(self, smoke):
-    assert smoke[2] < 120  # typically well under a minute on an idle 2-core machine
+    # About 30 s on two idle cores (its parts run side by side); loose, for loaded machines.
+    assert smoke[2] < 300
