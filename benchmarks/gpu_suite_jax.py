@@ -103,23 +103,34 @@ class Worker:
       except Exception as e:  # noqa: BLE001  (recorded, never fatal)
         case["candidates"][name] = {"framework": "jax", "status": "failed",
                                     "error": error_text(e)}
-    probe = {}
-    for name, call in calls.items():
-      t = time.perf_counter()
-      call()
-      probe[name] = time.perf_counter() - t
+    probe = {name: self.timed(case, calls, name) for name in list(calls)}
+    probe = {name: t for name, t in probe.items() if t is not None}
     spent = time.perf_counter() - case_start
     rounds = gpu_suite.rounds_for(budget_s - spent, sum(probe.values()), lo=self.lo, hi=self.hi)
     times = {name: [] for name in calls}
     for order in gpu_suite.rotations(list(calls), rounds):
       for name in order:
-        t = time.perf_counter()
-        calls[name]()
-        times[name].append(time.perf_counter() - t)
+        if name in calls:
+          t = self.timed(case, calls, name)
+          if t is not None:
+            times[name].append(t)
+    times = {name: ts for name, ts in times.items() if name in calls}
     for name, ts in times.items():
       case["candidates"][name]["time_ms"] = gpu_suite.spread(ts)
     calls.clear()
     return case
+
+  def timed(self, case, calls, name):
+    """Seconds of one call of ``calls[name]``; a call that fails is recorded and dropped."""
+    t = time.perf_counter()
+    try:
+      calls[name]()
+    except Exception as e:  # noqa: BLE001  (an out-of-memory error, say: recorded, never fatal)
+      case["candidates"][name] = {"framework": "jax", "status": "failed",
+                                  "error": error_text(e)}
+      del calls[name]
+      return None
+    return time.perf_counter() - t
 
   def budget(self, cases_left: int, share: float) -> float:
     return max(self.left() * share / max(cases_left, 1), 0.5)

@@ -64,6 +64,19 @@ class Losses:
     if self.cuda:
       self.torch.cuda.synchronize()
 
+  def timed(self, case, calls, name):
+    """Seconds of one call of ``calls[name]``; a call that fails is recorded and dropped."""
+    t = time.perf_counter()
+    try:
+      calls[name]()
+      self.sync()
+    except Exception as e:  # noqa: BLE001  (an out-of-memory error, say: recorded, never fatal)
+      case["candidates"][name] = {"framework": "torch", "status": "failed",
+                                  "error": error_text(e)}
+      del calls[name]
+      return None
+    return time.perf_counter() - t
+
   def budget(self, cases_left, share):
     return max(self.left() * share / max(cases_left, 1), 0.5)
 
@@ -105,21 +118,18 @@ class Losses:
       except Exception as e:  # noqa: BLE001  (recorded, never fatal)
         case["candidates"][name] = {"framework": "torch", "status": "failed",
                                     "error": error_text(e)}
-    probe = {}
-    for name, call in calls.items():
-      t = time.perf_counter()
-      call()
-      self.sync()
-      probe[name] = time.perf_counter() - t
+    probe = {name: self.timed(case, calls, name) for name in list(calls)}
+    probe = {name: t for name, t in probe.items() if t is not None}
     rounds = gpu_suite.rounds_for(budget_s - (time.perf_counter() - start),
                                   sum(probe.values()), lo=self.lo, hi=self.hi)
     times = {name: [] for name in calls}
     for order in gpu_suite.rotations(list(calls), rounds):
       for name in order:
-        t = time.perf_counter()
-        calls[name]()
-        self.sync()
-        times[name].append(time.perf_counter() - t)
+        if name in calls:
+          t = self.timed(case, calls, name)
+          if t is not None:
+            times[name].append(t)
+    times = {name: ts for name, ts in times.items() if name in calls}
     for name, ts in times.items():
       case["candidates"][name]["time_ms"] = gpu_suite.spread(ts)
     return case

@@ -296,5 +296,5 @@ class TestSmokeRun:
     assert not results["errors"], results["errors"]
 
   def test_smoke_run_is_quick(self, smoke):
-    # About 30 s on two idle cores (its parts run side by side); loose, for loaded machines.
+    # Under a minute on two idle cores (its parts run side by side); loose for loaded machines.
     assert smoke[2] < 300
