@@ -50,7 +50,7 @@ class Worker:
     device = jax.devices()[0]
     self.out = {"device": f"{device.platform}: {device.device_kind} x{jax.device_count()}",
                 "jaxce_path": os.path.dirname(jaxce.__file__),
-                "linear": [], "sparse": [], "dense": [], "step": None, "skipped": {}}
+                "linear": [], "sparse": [], "dense": [], "step": None}
     try:
       self.out["environment"] = jax.print_environment_info(return_string=True)
     except Exception as e:  # noqa: BLE001  (nvidia-smi missing and the like)
