@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from absl.testing import absltest
 from absl.testing import parameterized
+from jax.sharding import PartitionSpec as P
 from linear_helpers import make_inputs
 from linear_helpers import run_on_devices
 
@@ -66,6 +67,162 @@ SHARDED_DRIVER = textwrap.dedent("""
     print(json.dumps(out))
 """)
 
+# Every kind of mesh users make, with values and gradients against one device: Explicit axes
+# (jax.make_mesh's default) and Auto axes (Mesh(devices, names)), inside and outside
+# jax.set_mesh, inputs placed or not, eager and under jit; then a Flax NNX LM head.
+MESH_KINDS_DRIVER = textwrap.dedent(r"""
+    import functools
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import jaxce
+
+    assert jax.device_count() == 8, jax.devices()
+    n, d, v = 64, 8, 32
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.3, jnp.float32)
+    b = jnp.asarray(rng.normal(size=(v,)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, v, size=(n,)), jnp.int32)
+    cw = jnp.asarray(rng.uniform(0.5, 2.0, size=(v,)), jnp.float32)
+    cot = jnp.linspace(0.5, 1.5, n)
+    specs = (P("data", None), P(None, "model"), P("model"), P("data"), P("model"))
+    opts = dict(label_smoothing=0.1, chunk_size=4, token_chunk_size=8)
+
+    def losses(reduction, **sharding):
+      def loss(h, w, b, y, cw):
+        out = jaxce.linear_cross_entropy(h, w, y, bias=b, class_weights=cw, reduction=reduction,
+                                         **opts, **sharding)
+        return jnp.sum(out * cot) if out.ndim else out
+      return loss
+
+    def grad(reduction, **sharding):
+      return jax.value_and_grad(losses(reduction, **sharding), argnums=(0, 1, 2, 4))
+
+    args = (h, w, b, y, cw)
+    want = {r: jax.jit(grad(r))(*args) for r in ("mean", "none")}
+    want_rows = jaxce.linear_cross_entropy(h, w, y, bias=b, class_weights=cw, **opts)
+
+    def err(got, ref):
+      return max(float(jnp.max(jnp.abs(jnp.asarray(a) - c)) / (1e-6 + jnp.max(jnp.abs(c))))
+                 for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True))
+
+    out = {}
+    devices = np.array(jax.devices()).reshape(2, 4)
+    meshes = {"explicit": jax.make_mesh((2, 4), ("data", "model")),
+              "auto": Mesh(devices, ("data", "model"))}
+    cases = [("explicit", c, p) for c in (False, True) for p in (False, True)]
+    cases += [("auto", False, False), ("auto", True, True)]
+    for kind, context, placed in cases:
+      mesh = meshes[kind]
+      key = f"{kind}{'+set_mesh' if context else ''}{'+sharded' if placed else ''}"
+      sharding = dict(mesh=mesh, token_axes="data", vocab_axis="model")
+      with (jax.set_mesh(mesh) if context else jax.sharding.use_abstract_mesh(
+          jax.sharding.get_abstract_mesh())):
+        xs = args
+        if placed:
+          xs = tuple(jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs))
+        rows = jaxce.linear_cross_entropy(xs[0], xs[1], xs[3], bias=xs[2], class_weights=xs[4],
+                                          **opts, **sharding)
+        # Eager differentiation of Explicit types needs a mesh context (JAX's rule).
+        eager_grad = (want["none"] if kind == "explicit" and placed and not context
+                      else grad("none", **sharding)(*xs))
+        jit_grad = jax.jit(grad("mean", **sharding))(*xs)
+      out[key] = dict(
+          err=max(err(rows, want_rows), err(eager_grad, want["none"]), err(jit_grad, want["mean"]),
+                  ),
+          rows_spec=str(rows.sharding.spec) if placed and kind == "explicit" else None,
+          grad_specs=[str(g.sharding.spec) for g in jit_grad[1]] if placed else None,
+          eager_grad_specs=[str(getattr(g.sharding, "spec", None)) for g in eager_grad[1]]
+          if placed else None)
+
+    try:
+      from flax import nnx
+    except ImportError:
+      nnx = None
+    if nnx is not None:  # an LM head whose weight is split over the vocabulary
+      class Head(nnx.Module):
+        def __init__(self, kernel):
+          self.kernel = nnx.Param(kernel)
+
+        def __call__(self, h, y, **sharding):
+          return jaxce.linear_cross_entropy(h, self.kernel[...], y, reduction="mean", **sharding)
+
+      def step(model, h, y, **sharding):
+        return nnx.value_and_grad(lambda m: m(h, y, **sharding))(model)
+
+      mesh = meshes["explicit"]
+      ref_loss, ref_grads = nnx.jit(step)(Head(w), h, y)
+      for context in (False, True):
+        with (jax.set_mesh(mesh) if context else jax.sharding.use_abstract_mesh(
+            jax.sharding.get_abstract_mesh())):
+          model = Head(jax.device_put(w, NamedSharding(mesh, P(None, "model"))))
+          hs, ys = jax.device_put(h, NamedSharding(mesh, P("data"))), jax.device_put(
+              y, NamedSharding(mesh, P("data")))
+          loss, grads = nnx.jit(functools.partial(step, mesh=mesh, token_axes="data",
+                                                  vocab_axis="model"))(model, hs, ys)
+        out[f"nnx{'+set_mesh' if context else ''}"] = dict(
+            err=err((loss, grads.kernel[...]), (ref_loss, ref_grads.kernel[...])),
+            grad_specs=[str(grads.kernel[...].sharding.spec)])
+    print(json.dumps(out))
+""")
+
+# Without mesh=: arrays whose Explicit shardings split the tokens (and the vocabulary) run as they
+# are split, under jax.set_mesh; Auto meshes leave the partitioning to XLA; a split feature
+# dimension is refused by name.
+EXPLICIT_DRIVER = textwrap.dedent(r"""
+    import functools
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    import jaxce
+
+    assert jax.device_count() == 8, jax.devices()
+    n, d, v = 64, 8, 32
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.3, jnp.float32)
+    y = jnp.asarray(rng.integers(0, v, size=(n,)), jnp.int32)
+    opts = dict(label_smoothing=0.1, token_chunk_size=8, chunk_size=8)
+    mean = functools.partial(jaxce.linear_cross_entropy, reduction="mean", **opts)
+    step = jax.jit(jax.value_and_grad(mean, argnums=(0, 1)))
+    rows = jax.jit(functools.partial(jaxce.linear_cross_entropy, **opts))
+    want, want_rows = step(h, w, y), rows(h, w, y)
+
+    def err(got, ref):
+      return max(float(jnp.max(jnp.abs(jnp.asarray(a) - c)) / (1e-6 + jnp.max(jnp.abs(c))))
+                 for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True))
+
+    out = {}
+    devices = np.array(jax.devices())
+    meshes = {"explicit": (jax.make_mesh((8,), ("data",)), (P("data", None), P(), P("data"))),
+              "explicit-2d": (jax.make_mesh((2, 4), ("data", "model")),
+                              (P("data", None), P(None, "model"), P("data"))),
+              "auto": (Mesh(devices, ("data",)), (P("data", None), P(), P("data")))}
+    for kind, (mesh, specs) in meshes.items():
+      with jax.set_mesh(mesh):
+        xs = [jax.device_put(a, s) for a, s in zip((h, w, y), specs)]
+        got, got_rows = step(*xs), rows(*xs)
+      out[kind] = dict(err=max(err(got, want), err(got_rows, want_rows)),
+                       grad_specs=[str(g.sharding.spec) for g in got[1]],
+                       same_shardings=[g.sharding.is_equivalent_to(x.sharding, x.ndim)
+                                       for g, x in zip(got[1], xs, strict=False)],
+                       rows_spec=str(got_rows.sharding.spec))
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    errors = {}
+    for name, specs in (("hidden", (P(None, "model"), P())), ("weight", (P(), P("model", None)))):
+      with jax.set_mesh(mesh):
+        xs = [jax.device_put(a, s) for a, s in zip((h, w), specs)]
+        try:
+          step(*xs, y)
+          errors[name] = None
+        except Exception as e:  # noqa: BLE001 (the message is the result)
+          errors[name] = f"{type(e).__name__}: {e}"
+    out["errors"] = errors
+    print(json.dumps(out))
+""")
+
 
 class ShardedTest(parameterized.TestCase):
   """Vocabulary-parallel ``shard_map`` path; multi-device cases run in one subprocess each."""
@@ -97,6 +254,36 @@ class ShardedTest(parameterized.TestCase):
         # No device holds a buffer as large as its full local logits block.
         self.assertLess(r["temp"], local_logits)
         self.assertEqual(r["grad_shardings"][1], str(jax.sharding.PartitionSpec(None, "model")))
+
+  def test_every_kind_of_mesh_matches_one_device(self):
+    results = run_on_devices(MESH_KINDS_DRIVER)
+    specs = [str(P("data", None)), str(P(None, "model")), str(P("model")), str(P("model"))]
+    self.assertIn("nnx+set_mesh", results)
+    for case, r in results.items():
+      with self.subTest(case=case):
+        self.assertLess(r["err"], 1e-5)
+        if case.startswith("nnx"):
+          self.assertEqual(r["grad_specs"], specs[1:2])
+        elif "sharded" in case:  # each gradient has its input's sharding
+          self.assertEqual(r["grad_specs"], specs)
+          if "set_mesh" in case:
+            self.assertEqual(r["eager_grad_specs"], specs)
+          if case.startswith("explicit"):
+            self.assertEqual(r["rows_spec"], str(P("data")))
+
+  def test_explicit_shardings_without_a_mesh_argument(self):
+    results = run_on_devices(EXPLICIT_DRIVER)
+    for case in ("explicit", "explicit-2d", "auto"):
+      with self.subTest(case=case):
+        r = results[case]
+        self.assertLess(r["err"], 1e-5)
+        self.assertEqual(r["rows_spec"], str(P("data")))
+        if case != "auto":  # Explicit types: each gradient has its input's sharding
+          self.assertEqual(r["same_shardings"], [True, True], r["grad_specs"])
+    for name, message in results["errors"].items():
+      with self.subTest(refused=name):
+        self.assertRegex(message, rf"ValueError: .*: {name} has sharding P\(.*'model'.*\) on mesh "
+                                  r"axes .*feature dimension D must not be split")
 
 
 if __name__ == "__main__":

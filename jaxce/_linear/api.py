@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.typing import ArrayLike
 from jax.typing import DTypeLike
 
@@ -85,7 +86,12 @@ def linear_cross_entropy(
   axis, ``weight``'s columns, ``bias`` and ``class_weights`` over
   ``vocab_axis``. Each device works on its ``[tokens, V / devices]`` share,
   per-row statistics are combined across the vocabulary axis (``pmax``-style
-  merge, ``psum``), and no weight-sized array is all-gathered.
+  merge, ``psum``), and no weight-sized array is all-gathered. Meshes of
+  Explicit axes (``jax.make_mesh``'s default) and of Auto axes work, inside
+  and outside ``jax.set_mesh``; with Explicit types the ``"none"`` losses are
+  split over ``token_axes`` and each gradient has its input's sharding.
+  Without ``mesh``, inputs whose Explicit shardings split ``hidden``'s first
+  axis and/or ``weight``'s columns run the same way on their mesh.
 
   Args:
     hidden: features ``[..., D]``.
@@ -130,6 +136,14 @@ def linear_cross_entropy(
     >>> jaxce.linear_cross_entropy(hidden, weight, labels, reduction="mean")
     Array(1.2406..., dtype=float32)
 
+    Vocabulary-parallel over every device:
+
+    >>> import jax
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("model",))
+    >>> jaxce.linear_cross_entropy(hidden, weight, labels, reduction="mean", mesh=mesh,
+    ...                            vocab_axis="model")
+    Array(1.2406..., dtype=float32)
+
   References:
     Liger Kernel ``LigerFusedLinearCrossEntropyLoss``; Wijmans et al., `Cut
     Your Losses in Large-Vocabulary Language Models
@@ -165,8 +179,11 @@ def linear_cross_entropy(
   if concrete is not None and (mask is None or _common.is_concrete(mask)):
     kept = concrete if mask is None else np.where(np.asarray(mask), concrete, 0)
     _labels.check_labels(kept, num_classes, ignore_index, None, fn)
-  layout = sharded.make_layout(mesh, token_axes, vocab_axis, math.prod(labels.shape), num_classes,
-                               fn)
+  num_rows = math.prod(labels.shape)
+  layout = sharded.make_layout(mesh, token_axes, vocab_axis, num_rows, num_classes, fn,
+                               (hidden, weight, bias, class_weights, labels, mask))
+  if mesh is None:  # arrays of Explicit shardings run vocabulary-parallel as they are split
+    layout = sharded.layout_of(hidden, weight, num_rows, num_classes, fn)
   config = Config(
       reduction=reduction,
       ignore_index=ignore_index,
@@ -289,6 +306,8 @@ class Config(NamedTuple):
       return self.rows
     most = max(8, default_blocks(self.platform).row_bytes
                // (num_classes * jnp.dtype(dtype).itemsize))
+    if blocks.is_symbolic(num_rows):  # jax.export: from V alone, rows padded to a multiple
+      return most
     count = -(-num_rows // most)
     rows = -(-num_rows // max(count, 1))
     return min(most, rows + (-rows) % 8) if rows > 8 else 8
@@ -302,25 +321,44 @@ class Config(NamedTuple):
 @functools.partial(jax.jit, static_argnums=0)
 def _linear(config: Config, hidden, weight, bias, class_weights, labels, mask, smoothing, z):
   """The numeric core of :func:`linear_cross_entropy`, compiled once per static configuration."""
-  num_classes, batch_shape = weight.shape[1], labels.shape
-  labels = labels.reshape(-1)
+  num_classes, batch_shape, layout = weight.shape[1], labels.shape, config.layout
+  if layout.mesh is None:  # split small arrays beside an unsplit hidden and weight: gathered
+    bias, class_weights, labels, mask = map(sharded.unsplit, (bias, class_weights, labels, mask))
+  hidden = sharded.place(layout, hidden.reshape(-1, hidden.shape[-1]), layout.params.hidden)
+  weight = sharded.place(layout, weight, layout.params.weight)
+  bias, class_weights = sharded.place(layout, (bias, class_weights), layout.classes)
+  labels = sharded.place(layout, labels.reshape(-1), layout.rows)
+  if mask is not None:
+    mask = sharded.place(layout, mask.reshape(-1), layout.rows)
   lab = _labels.resolve_labels(labels, num_classes, config.ignore_index)
   keep, bad = lab.keep, lab.bad
   if mask is not None:
-    keep, bad = keep & mask.reshape(-1), bad & mask.reshape(-1)
+    keep, bad = keep & mask, bad & mask
   _labels.debug_check_labels(bad, num_classes, config.ignore_index, False, _FN)
   smoothing, z = _common.option_or_nan(smoothing, 1.0), _common.option_or_nan(z)
   dtype = _common.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
-  ones = jnp.ones(labels.shape, dtype)
-  w_y = ones if class_weights is None else class_weights.astype(dtype)[lab.index]
+  ones = jnp.ones_like(labels, dtype)
+  w_y = ones
+  if class_weights is not None:
+    w_y = sharded.gather_rows(layout, class_weights.astype(dtype), lab.index)
   target = _core.Target(
       w_y if smoothing is None else (1.0 - smoothing) * w_y,
       None if smoothing is None else smoothing * ones,
       None if z is None else z * ones,
   )
-  params = blocks.Params(hidden.reshape(-1, hidden.shape[-1]), weight, bias, class_weights)
-  rows = blocks.Rows(lab.index, keep, bad, target)
+  num_rows = labels.shape[0]
+  if blocks.is_symbolic(num_rows):  # jax.export: padded rows are dead (keep and bad False)
+    size = (config.tile_rows if config.reduction == "none"
+            else config.fused_rows(num_rows, num_classes, dtype))
+    hidden, index, target = blocks.pad_rows((hidden, lab.index, target), size, 0)
+    keep, bad, w_y = blocks.pad_rows((keep, bad, w_y), size, False)
+  else:
+    index = lab.index
+  params = blocks.Params(hidden, weight, bias, class_weights)
+  rows = blocks.Rows(index, keep, bad, target)
   if config.reduction == "none":
-    return recompute.row_losses(config, params, rows).reshape(batch_shape)
+    losses = recompute.row_losses(config, params, rows)
+    return lax.slice_in_dim(losses, 0, num_rows).reshape(batch_shape)
   total = fused.summed_loss(config, params, rows)
-  return _common.reduce_loss(total[None], config.reduction, jnp.where(keep, w_y, 0.0))
+  denominator = _common.pairwise_sum(sharded.replicated(layout, jnp.where(keep, w_y, 0.0)))
+  return _common.reduce_loss(total[None], config.reduction, denominator)

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxce import _common
@@ -188,7 +189,12 @@ def over(carry, total: int, size: int, step: Callable):
   first ``skip`` positions repeat its predecessor's, which ``step`` must leave
   out (``skip`` is None when no block overlaps). One loop body, so nothing is
   padded or copied and a remainder adds no second copy of the step to compile.
+  A symbolic ``total`` (``jax.export``) cannot be compared with ``size``: the
+  caller pads it to a multiple of ``size`` (:func:`pad_rows`).
   """
+  if is_symbolic(total):  # jax.export: the caller padded ``total`` to a multiple of ``size``
+    count = jnp.asarray(total // size)
+    return lax.fori_loop(0, count, lambda i, carry: step(carry, i * size, size, None), carry)
   if total == 0:
     return carry
   size = min(size, total)
@@ -202,6 +208,20 @@ def over(carry, total: int, size: int, step: Callable):
     return step(carry, start, size, i * size - start if overlap else None)
 
   return lax.fori_loop(0, count, body, carry)
+
+
+def is_symbolic(dim) -> bool:
+  """Whether ``dim`` is a symbolic dimension (``jax.export.symbolic_shape``)."""
+  return not isinstance(dim, (int, np.integer))
+
+
+def pad_rows(tree, size: int, fill):
+  """Row-major arrays padded with ``fill`` to a multiple of ``size`` rows (symbolic row counts)."""
+  def pad(v):
+    rows = v.shape[0]
+    widths = [(0, -(-rows // size) * size - rows)] + [(0, 0)] * (v.ndim - 1)
+    return jnp.pad(v, widths, constant_values=jnp.asarray(fill, v.dtype))
+  return jax.tree.map(pad, tree)
 
 
 def _fresh(size: int, skip) -> jax.Array | None:

@@ -80,7 +80,8 @@ def summed_loss(config, params: Params, rows: Rows) -> jax.Array:
 
   Undifferentiated, it is the recompute path's forward: statistics only, tile by tile.
   """
-  return _common.pairwise_sum(recompute.row_losses(config, params, rows))
+  losses = recompute.row_losses(config, params, rows)
+  return _common.pairwise_sum(sharded.replicated(config.layout, losses))
 
 
 def _run_fused(config, params, rows):
@@ -91,8 +92,9 @@ def _run_fused(config, params, rows):
 
 def _summed_loss_fwd(config, params, rows):
   stats, grads = _run_fused(config, params, rows)
-  g_rows = blocks.row_cotangent(rows, jnp.ones(rows.index.shape, stats.label.dtype))
-  loss = _common.pairwise_sum(blocks.mask_losses(rows, blocks.loss(rows.target, stats)))
+  g_rows = blocks.row_cotangent(rows, jnp.ones_like(stats.label))
+  losses = blocks.mask_losses(rows, blocks.loss(rows.target, stats))
+  loss = _common.pairwise_sum(sharded.replicated(config.layout, losses))
   return loss, (params, grads, blocks.target_cotangent(rows.target, stats, g_rows))
 
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 from jax import lax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxce._linear import blocks
@@ -70,8 +71,9 @@ def _axis_names(value: Any, name: str, fn: str) -> tuple[str, ...]:
   return tuple(names)
 
 
-def make_layout(mesh, token_axes, vocab_axis, num_rows: int, num_classes: int, fn: str) -> Layout:
-  """The validated :class:`Layout` of ``linear_cross_entropy``'s mesh options."""
+def make_layout(mesh, token_axes, vocab_axis, num_rows: int, num_classes: int, fn: str,
+                arrays=()) -> Layout:
+  """The validated :class:`Layout` of ``linear_cross_entropy``'s mesh options (for ``arrays``)."""
   tokens = _axis_names(token_axes, "token_axes", fn)
   vocab = _axis_names(vocab_axis, "vocab_axis", fn)
   if mesh is None:
@@ -83,14 +85,106 @@ def make_layout(mesh, token_axes, vocab_axis, num_rows: int, num_classes: int, f
   for axis in tokens + vocab:
     if axis not in mesh.shape:
       raise ValueError(f"{fn}: {axis!r} is not an axis of the mesh {dict(mesh.shape)}.")
+  typed = any(any(_explicit_axes(x)) for x in arrays if x is not None)
+  if mesh.explicit_axes and jax.sharding.get_abstract_mesh().empty and not typed:
+    # Outside a mesh context JAX runs no op on Explicit types eagerly (a gradient's
+    # first step included): for arrays of no Explicit type its devices serve as Auto axes.
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+  return _checked(Layout(mesh, tokens, vocab), num_rows, num_classes, fn)
+
+
+def _checked(layout: Layout, num_rows: int, num_classes: int, fn: str) -> Layout:
+  tokens, vocab, shape = layout.tokens, layout.vocab, layout.mesh.shape
   if set(tokens) & set(vocab):
     raise ValueError(f"{fn}: token_axes {tokens} and vocab_axis {vocab} must not share an axis.")
   for axes, size, what in ((tokens, num_rows, "tokens"), (vocab, num_classes, "classes (V)")):
-    parts = math.prod(mesh.shape[a] for a in axes)
+    parts = math.prod(shape[a] for a in axes)
     if size % parts:
       raise ValueError(f"{fn}: {size} {what} do not split evenly over mesh axes {axes} "
                        f"({parts} devices).")
-  return Layout(mesh, tokens, vocab)
+  return layout
+
+
+def _explicit_axes(x) -> tuple[tuple[str, ...], ...]:
+  """Per dimension of ``x``, the Explicit mesh axes its type says it is split over."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  explicit = set(getattr(getattr(sharding, "mesh", None), "explicit_axes", ()))
+  if not explicit:
+    return ((),) * x.ndim
+  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  names = [(e,) if isinstance(e, str) else tuple(e or ()) for e in spec]
+  return tuple(tuple(n for n in axes if n in explicit) for axes in names)
+
+
+def layout_of(hidden, weight, num_rows: int, num_classes: int, fn: str) -> Layout:
+  """The :class:`Layout` that Explicit shardings of ``hidden`` and ``weight`` ask for.
+
+  Their tokens (``hidden``'s first axis) and classes (``weight``'s columns) may
+  be split; a split feature dimension ``D`` is refused, as is a token split on
+  any but the first of ``hidden``'s leading axes.
+  """
+  hidden_axes, weight_axes = _explicit_axes(hidden), _explicit_axes(weight)
+  if not any(hidden_axes + weight_axes):
+    return Layout()
+
+  def refuse(name, x, why):
+    raise ValueError(f"{fn}: {name} has sharding {jax.typeof(x).sharding.spec} on mesh axes "
+                     f"{dict(jax.typeof(x).sharding.mesh.shape)}; {why}. Reshard it "
+                     f"(jax.sharding.reshard) or pass mesh=, token_axes= and vocab_axis=.")
+
+  if hidden_axes[-1]:
+    refuse("hidden", hidden, "its feature dimension D must not be split")
+  if any(hidden_axes[1:-1]):
+    refuse("hidden", hidden, "only its first axis may split the tokens")
+  if weight_axes[0]:
+    refuse("weight", weight, "its feature dimension D must not be split")
+  mesh = jax.typeof(hidden if any(hidden_axes) else weight).sharding.mesh
+  layout = Layout(mesh, hidden_axes[0], weight_axes[1])
+  if set(layout.tokens) & set(layout.vocab):
+    refuse("weight", weight, f"it splits the classes over the tokens' axes {layout.tokens}")
+  return _checked(layout, num_rows, num_classes, fn)
+
+
+def unsplit(x):
+  """``x`` replicated if its type says Explicit mesh axes split it (single-device layouts)."""
+  if x is None or not any(_explicit_axes(x)):
+    return x
+  return jax.sharding.reshard(x, P())
+
+
+def is_explicit(layout: Layout) -> bool:
+  """Whether the layout's mesh has Explicit axes (shardings are part of the arrays' types)."""
+  return bool(layout.mesh is not None and layout.mesh.explicit_axes)
+
+
+def place(layout: Layout, tree, spec: P):
+  """``tree``'s arrays laid out as ``spec`` where the mesh's axes are Explicit.
+
+  ``shard_map`` asks Explicit inputs to come with its ``in_specs``; the
+  reshard's transpose gives each gradient its input's sharding. Auto axes are
+  left to ``shard_map``.
+  """
+  if not is_explicit(layout):
+    return tree
+  return jax.tree.map(lambda x: jax.sharding.reshard(x, sharding(layout, spec)), tree)
+
+
+def sharding(layout: Layout, spec: P):
+  """``spec`` on the layout's mesh (a bare spec names the context mesh's axes)."""
+  return NamedSharding(layout.mesh, spec) if isinstance(layout.mesh, jax.sharding.Mesh) else spec
+
+
+def gather_rows(layout: Layout, per_class: jax.Array, index: jax.Array) -> jax.Array:
+  """``per_class[index]``: each token's entry of a small per-class array, split as the tokens."""
+  if not is_explicit(layout):
+    return per_class[index]
+  return replicated(layout, per_class).at[index].get(out_sharding=sharding(layout, layout.rows))
+
+
+def replicated(layout: Layout, x):
+  """``x`` on every device where the mesh's axes are Explicit (per-class or per-row numbers)."""
+  return place(layout, x, P())
 
 
 def vocab_offset(layout: Layout, num_local_classes: int):
@@ -118,15 +212,10 @@ def run(layout: Layout, fn: Callable, args, in_specs, out_specs):
   """
   if layout.mesh is None:
     return fn(*args, layout)
-  out_shape = jax.eval_shape(lambda *a: fn(*a, Layout()), *args)  # structure only
-  return _shard_map(lambda *a: fn(*a, layout), layout.mesh, _expand(in_specs, args),
-                    _expand(out_specs, out_shape))(*args)
-
-
-def _expand(specs, tree):
-  """The full tree of specs of ``tree``, from a prefix of it."""
-  return jax.tree.map(lambda spec, sub: jax.tree.map(lambda _: spec, sub), specs, tree,
-                      is_leaf=lambda s: isinstance(s, P))
+  args = tuple(place(layout, a, s) if isinstance(s, P) else
+               type(s)(*(place(layout, x, t) for x, t in zip(a, s, strict=True)))
+               for a, s in zip(args, in_specs, strict=True))
+  return _shard_map(lambda *a: fn(*a, layout), layout.mesh, tuple(in_specs), out_specs)(*args)
 
 
 def _shard_map(f, mesh, in_specs, out_specs):
