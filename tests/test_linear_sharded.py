@@ -220,6 +220,8 @@ EXPLICIT_DRIVER = textwrap.dedent(r"""
         except Exception as e:  # noqa: BLE001 (the message is the result)
           errors[name] = f"{type(e).__name__}: {e}"
     out["errors"] = errors
+    with jax.set_mesh(jax.make_mesh((8,), ("data",))):  # only the labels split: gathered
+      out["labels-only"] = dict(err=err(step(h, w, jax.device_put(y, P("data"))), want))
     print(json.dumps(out))
 """)
 
@@ -280,6 +282,7 @@ class ShardedTest(parameterized.TestCase):
         self.assertEqual(r["rows_spec"], str(P("data")))
         if case != "auto":  # Explicit types: each gradient has its input's sharding
           self.assertEqual(r["same_shardings"], [True, True], r["grad_specs"])
+    self.assertLess(results["labels-only"]["err"], 1e-5)
     for name, message in results["errors"].items():
       with self.subTest(refused=name):
         self.assertRegex(message, rf"ValueError: .*: {name} has sharding P\(.*'model'.*\) on mesh "
