@@ -360,5 +360,5 @@ def _linear(config: Config, hidden, weight, bias, class_weights, labels, mask, s
     losses = recompute.row_losses(config, params, rows)
     return lax.slice_in_dim(losses, 0, num_rows).reshape(batch_shape)
   total = fused.summed_loss(config, params, rows)
-  denominator = _common.pairwise_sum(sharded.replicated(layout, jnp.where(keep, w_y, 0.0)))
+  denominator = sharded.sum_rows(layout, jnp.where(keep, w_y, 0.0))
   return _common.reduce_loss(total[None], config.reduction, denominator)

@@ -15,7 +15,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxce import _common
 from jaxce import _core
 from jaxce._linear import blocks
 from jaxce._linear import recompute
@@ -80,8 +79,7 @@ def summed_loss(config, params: Params, rows: Rows) -> jax.Array:
 
   Undifferentiated, it is the recompute path's forward: statistics only, tile by tile.
   """
-  losses = recompute.row_losses(config, params, rows)
-  return _common.pairwise_sum(sharded.replicated(config.layout, losses))
+  return sharded.sum_rows(config.layout, recompute.row_losses(config, params, rows))
 
 
 def _run_fused(config, params, rows):
@@ -94,7 +92,7 @@ def _summed_loss_fwd(config, params, rows):
   stats, grads = _run_fused(config, params, rows)
   g_rows = blocks.row_cotangent(rows, jnp.ones_like(stats.label))
   losses = blocks.mask_losses(rows, blocks.loss(rows.target, stats))
-  loss = _common.pairwise_sum(sharded.replicated(config.layout, losses))
+  loss = sharded.sum_rows(config.layout, losses)
   return loss, (params, grads, blocks.target_cotangent(rows.target, stats, g_rows))
 
 

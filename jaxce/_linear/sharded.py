@@ -17,10 +17,12 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxce import _common
 from jaxce._linear import blocks
 
 
@@ -144,6 +146,13 @@ def layout_of(hidden, weight, num_rows: int, num_classes: int, fn: str) -> Layou
   if set(layout.tokens) & set(layout.vocab):
     refuse("weight", weight, f"it splits the classes over the tokens' axes {layout.tokens}")
   return _checked(layout, num_rows, num_classes, fn)
+
+
+def sum_rows(layout: Layout, x: jax.Array) -> jax.Array:
+  """``Σ`` of per-row numbers, in one device's order (pairwise; XLA's sum for a symbolic count)."""
+  if blocks.is_symbolic(x.shape[0]):
+    return jnp.sum(x)
+  return _common.pairwise_sum(replicated(layout, x))
 
 
 def unsplit(x):
