@@ -267,8 +267,7 @@ def test_resume_on_another_device_count_ends_as_the_uninterrupted_run(mnist_dir,
                               checkpoint_params(cli_runs[1][0], 2), atol=1e-5, rtol=0)
 
 
-def test_readme_training_commands_use_separate_workdirs():
-  with open(os.path.join(REPO, "README.md")) as f:
-    section = f.read().split("## Training MNIST")[1].split("\n## ")[0]
-  workdirs = re.findall(r"python train\.py .*--workdir[= ](\S+)", section)
+def test_training_page_commands_use_separate_workdirs():
+  with open(os.path.join(REPO, "docs", "training.md")) as f:
+    workdirs = re.findall(r"python train\.py .*--workdir[= ](\S+)", f.read())
   assert len(workdirs) >= 3 and len(set(workdirs)) == len(workdirs), workdirs
