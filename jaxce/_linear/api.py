@@ -322,14 +322,10 @@ class Config(NamedTuple):
 def _linear(config: Config, hidden, weight, bias, class_weights, labels, mask, smoothing, z):
   """The numeric core of :func:`linear_cross_entropy`, compiled once per static configuration."""
   num_classes, batch_shape, layout = weight.shape[1], labels.shape, config.layout
-  if layout.mesh is None:  # split small arrays beside an unsplit hidden and weight: gathered
-    bias, class_weights, labels, mask = map(sharded.unsplit, (bias, class_weights, labels, mask))
-  hidden = sharded.place(layout, hidden.reshape(-1, hidden.shape[-1]), layout.params.hidden)
-  weight = sharded.place(layout, weight, layout.params.weight)
-  bias, class_weights = sharded.place(layout, (bias, class_weights), layout.classes)
-  labels = sharded.place(layout, labels.reshape(-1), layout.rows)
-  if mask is not None:
-    mask = sharded.place(layout, mask.reshape(-1), layout.rows)
+  params, labels, mask = sharded.place_inputs(
+      layout, blocks.Params(hidden.reshape(-1, hidden.shape[-1]), weight, bias, class_weights),
+      labels.reshape(-1), None if mask is None else mask.reshape(-1))
+  hidden, weight, bias, class_weights = params
   lab = _labels.resolve_labels(labels, num_classes, config.ignore_index)
   keep, bad = lab.keep, lab.bad
   if mask is not None:

@@ -7,6 +7,10 @@ passes merge per-row statistics over the vocabulary axis
 (:func:`blocks.combine`) and :func:`reduce_grads` sums the partial gradients,
 so no weight-sized array is gathered (Megatron's vocab-parallel
 cross-entropy).
+
+On a mesh of Explicit axes (``jax.make_mesh``'s default) shardings are part of
+the arrays' types: inputs are resharded to the passes' specs first, and
+without ``mesh=`` the layout is read from the types (:func:`layout_of`).
 """
 
 from __future__ import annotations
@@ -146,6 +150,20 @@ def layout_of(hidden, weight, num_rows: int, num_classes: int, fn: str) -> Layou
   if set(layout.tokens) & set(layout.vocab):
     refuse("weight", weight, f"it splits the classes over the tokens' axes {layout.tokens}")
   return _checked(layout, num_rows, num_classes, fn)
+
+
+def place_inputs(layout: Layout, params: blocks.Params, labels, mask):
+  """``(params, labels, mask)`` laid out as the passes read them (flat rows; mask may be None).
+
+  On a mesh of Explicit axes each array is resharded to its spec; on one
+  device, small arrays split beside an unsplit ``hidden`` and ``weight`` are
+  gathered.
+  """
+  if layout.mesh is None:
+    return blocks.Params(*params[:2], *map(unsplit, params[2:])), unsplit(labels), unsplit(mask)
+  params = blocks.Params(*(place(layout, x, spec) for x, spec in zip(params, layout.params,
+                                                                       strict=True)))
+  return params, place(layout, labels, layout.rows), place(layout, mask, layout.rows)
 
 
 def sum_rows(layout: Layout, x: jax.Array) -> jax.Array:
