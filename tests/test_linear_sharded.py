@@ -225,6 +225,17 @@ EXPLICIT_DRIVER = textwrap.dedent(r"""
     print(json.dumps(out))
 """)
 
+# docs/linear_cross_entropy.md's examples on 8 devices (pytest runs them on one).
+DOCS_DRIVER = textwrap.dedent("""
+    import doctest, json
+    import jax
+    assert jax.device_count() == 8, jax.devices()
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    result = doctest.testfile("docs/linear_cross_entropy.md", module_relative=False,
+                              optionflags=flags)
+    print(json.dumps(dict(failed=result.failed, attempted=result.attempted)))
+""")
+
 
 class ShardedTest(parameterized.TestCase):
   """Vocabulary-parallel ``shard_map`` path; multi-device cases run in one subprocess each."""
@@ -287,6 +298,11 @@ class ShardedTest(parameterized.TestCase):
       with self.subTest(refused=name):
         self.assertRegex(message, rf"ValueError: .*: {name} has sharding P\(.*'model'.*\) on mesh "
                                   r"axes .*feature dimension D must not be split")
+
+  def test_docs_examples_on_eight_devices(self):
+    result = run_on_devices(DOCS_DRIVER)
+    self.assertGreater(result["attempted"], 0)
+    self.assertEqual(result["failed"], 0)
 
 
 if __name__ == "__main__":
