@@ -8,6 +8,21 @@ from typing import Any
 
 from jax.experimental import checkify
 
+try:  # A context in jit's cache key: a program traced outside ``checked`` holds no check.
+  from jax._src import config as _jax_config
+
+  _ENABLED = _jax_config.bool_state(
+      "jaxce_runtime_checks", False,
+      "Trace jaxce's run-time value checks (set by jaxce.checked).", include_in_jit_key=True,
+      include_in_trace_context=True)
+except (ImportError, AttributeError, TypeError):  # pragma: no cover
+  _ENABLED = None
+
+
+def enabled() -> bool:
+  """True while :func:`checked` traces: the losses then add their ``checkify`` checks."""
+  return True if _ENABLED is None else bool(_ENABLED.value)
+
 
 def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
   """Wraps ``fn`` so that invalid labels inside it raise, even under ``jit``.
@@ -16,7 +31,9 @@ def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
   ``jax.jit`` the values are unknown at trace time, so such examples give NaN;
   ``checked`` runs ``fn`` under :func:`jax.experimental.checkify.checkify` and
   raises ``checkify.JaxRuntimeError`` naming the loss and the number of bad
-  labels. The check costs one reduction; without ``checked`` it compiles away.
+  labels. The check costs one reduction; without ``checked`` the losses trace
+  no check at all, so their programs hold no ``checkify`` effect (``jax.export``
+  serializes them).
 
   Args:
     fn: any function calling jaxce losses, typically already ``jax.jit``-ed
@@ -37,7 +54,11 @@ def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
 
   @functools.wraps(fn)
   def wrapper(*args: Any, **kwargs: Any) -> Any:
-    err, out = checked_fn(*args, **kwargs)
+    if _ENABLED is None:
+      err, out = checked_fn(*args, **kwargs)
+    else:
+      with _ENABLED(True):
+        err, out = checked_fn(*args, **kwargs)
     err.throw()
     return out
 

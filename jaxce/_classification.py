@@ -13,6 +13,8 @@ from jaxce import _common
 from jaxce import _core
 from jaxce import _kernels
 from jaxce import _labels
+from jaxce import _platform
+from jaxce import _sharding
 
 
 def _logits(logits, axis, where, fn, name="logits"):
@@ -127,29 +129,30 @@ def sparse_cross_entropy(
   w = _common.class_weights(class_weights, x.shape[axis], fn)
   labels = _int_labels(labels, x, axis, ignore_index, mask, fn)
   return _sparse(x, labels, mask, w, smoothing, z, axis=axis, ignore_index=ignore_index,
-                 reduction=reduction)
+                 reduction=reduction, kernel=_platform.sparse_kernel())
 
 
 _SPARSE = "jaxce.sparse_cross_entropy"
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "reduction"))
-def _sparse(x, labels, mask, w, smoothing, z, *, axis, ignore_index, reduction):
+@functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "reduction", "kernel"))
+def _sparse(x, labels, mask, w, smoothing, z, *, axis, ignore_index, reduction, kernel):
   """The numeric core of :func:`sparse_cross_entropy`, compiled once per static configuration."""
   x, mask = _classes_last(x, axis), _classes_last(mask, axis)
+  labels = _sharding.rows_like(labels, x)
   lab = _labels.resolve_labels(labels, x.shape[-1], ignore_index, mask)
   _labels.debug_check_labels(lab.bad, x.shape[-1], ignore_index, mask is not None, _SPARSE)
   smoothing, z = _common.option_or_nan(smoothing, 1.0), _common.option_or_nan(z)
   dtype = _common.compute_dtype(x.dtype)
   keep = lab.keep.astype(dtype)
-  w_y = keep if w is None else w.astype(dtype)[lab.index] * keep
+  w_y = keep if w is None else _core.per_class(w.astype(dtype), lab.index) * keep
   on_label = w_y if smoothing is None else (1.0 - smoothing) * w_y
   target = _core.Target(
       on_label,
       None if smoothing is None else smoothing * keep,
       None if z is None else z * keep,
   )
-  loss = _kernels.sparse_rows(x, mask, lab.index, lab.live, target, w)
+  loss = _kernels.sparse_rows(x, mask, lab.index, lab.live, target, w, kernel=kernel)
   loss = _labels.nan_where(lab.bad, loss)  # a bad label's loss and gradient are NaN
   return _common.reduce_loss(loss, reduction, w_y)
 
@@ -307,11 +310,13 @@ _NLL = "jaxce.nll_loss"
 def _nll(x, labels, w, *, axis, ignore_index, reduction):
   """The numeric core of :func:`nll_loss`, compiled once per static configuration."""
   x = _classes_last(x, axis)
+  labels = _sharding.rows_like(labels, x)
   lab = _labels.resolve_labels(labels, x.shape[-1], ignore_index)
   _labels.debug_check_labels(lab.bad, x.shape[-1], ignore_index, False, _NLL)
   dtype = _common.compute_dtype(x.dtype)
-  picked = jnp.take_along_axis(x, lab.index[..., None], axis=-1)[..., 0].astype(dtype)
-  w_y = lab.keep.astype(dtype) if w is None else w.astype(dtype)[lab.index] * lab.keep
+  picked = _core.at_label(x, lab.index).astype(dtype)
+  keep = lab.keep.astype(dtype)
+  w_y = keep if w is None else _core.per_class(w.astype(dtype), lab.index) * keep
   loss = jnp.where(lab.keep, -w_y * picked, 0.0)
   loss = _labels.nan_where(lab.bad, loss)  # a bad label's loss and gradient are NaN
   return _common.reduce_loss(loss, reduction, w_y)

@@ -15,6 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from jaxce import _checks
+from jaxce import _sharding
+
 REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -137,7 +140,7 @@ def check_shape(x: jax.Array, shape: Sequence[int], name: str, other: str, fn: s
 def broadcast_to(x: jax.Array, shape: Sequence[int], name: str, target: str, fn: str) -> jax.Array:
   """Broadcasts ``x`` to ``shape`` or raises naming both shapes."""
   try:
-    if np.broadcast_shapes(x.shape, tuple(shape)) != tuple(shape):
+    if jnp.broadcast_shapes(x.shape, tuple(shape)) != tuple(shape):
       raise ValueError
   except ValueError:
     raise ValueError(
@@ -176,8 +179,9 @@ def is_concrete(*xs: Any) -> bool:
 
 
 def debug_check(ok: jax.Array, message: str, *args: Any) -> None:
-  """A check that :func:`jaxce.checked` raises under ``jit`` and that otherwise costs nothing."""
-  checkify.debug_check(ok, message, *args)
+  """A check that :func:`jaxce.checked` raises under ``jit``; traced only under ``checked``."""
+  if _checks.enabled():
+    checkify.debug_check(ok, message, *args)
 
 
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -192,21 +196,66 @@ _SUM_BLOCK = 256
 def pairwise_sum(x: jax.Array) -> jax.Array:
   """Sum of all elements with error ``O(log n · eps)``, as accurate as PyTorch's cascade sum.
 
-  Up to ``_SUM_BLOCK`` elements are added as a pairwise tree (``log2 n``
-  elementwise adds); longer arrays are summed in blocks of that size in one
-  fused pass (XLA's vectorised block sums) and the block sums added as a tree.
+  Each axis is summed in turn, last axis first: up to ``_SUM_BLOCK`` elements
+  as a pairwise tree (``log2 n`` elementwise adds), longer axes in blocks of
+  that size in one fused pass (XLA's vectorised block sums) whose sums are then
+  added as a tree. Summing the last (class) axis first keeps a sum over a
+  batch-sharded array local to each device until only per-row sums are left.
+
+  Sharded over Explicit mesh axes, each device sums its own shard this way and
+  the per-device sums are added by XLA's all-reduce (no shard moves). A
+  symbolic dimension (``jax.export``) is summed by XLA's reduction first.
   """
-  x = jnp.ravel(x)
-  size = x.shape[0]
-  if size == 0:
+  x = jnp.asarray(x)
+  symbolic = tuple(d for d in range(x.ndim) if _sharding.is_symbolic(x.shape[d]))
+  if symbolic:
+    x = jnp.sum(x, axis=symbolic)
+  if x.size == 0:
     return jnp.zeros((), x.dtype)
+  counts = _sharding.shard_counts(x)
+  if _sharding.is_explicitly_sharded(x) and all(k == 1 for k in counts):
+    x = _sharding.replicated(x)  # mesh axes of size 1 (slicing them trips JAX's type rules)
+  if _sharding.is_explicitly_sharded(x):
+    if any(n % k for n, k in zip(x.shape, counts, strict=True)):
+      return jnp.sum(x)  # unevenly split: XLA's reduction
+    return jnp.sum(_tree_sum(_shards_first(x, counts)))
+  while x.ndim:
+    x = _tree_sum(x)
+  return x
+
+
+def _shards_first(x: jax.Array, counts: tuple[int, ...]) -> jax.Array:
+  """``x`` as ``[k_1, ..., k_m, local]``: one axis per split dimension, then each shard's elements.
+
+  Each split dimension ``n`` becomes ``[k, n / k]`` with the mesh axes on ``k``
+  (a split JAX infers), so merging the local axes never crosses devices.
+  """
+  split = []
+  for d in reversed(range(x.ndim)):
+    if counts[d] > 1:
+      x = x.reshape(x.shape[:d] + (counts[d], x.shape[d] // counts[d]) + x.shape[d + 1:])
+      split = [s + 1 for s in split] + [d]
+  lead = x.shape
+  x = jnp.moveaxis(x, sorted(split), range(len(split)))
+  return x.reshape(tuple(lead[d] for d in sorted(split)) + (-1,))
+
+
+def _tree_sum(x: jax.Array) -> jax.Array:
+  """Pairwise sum over the last (concrete) axis of ``x [..., n]``.
+
+  The tree adds strided slices: XLA would fold a chain of reductions into one
+  plain sum.
+  """
+  size = x.shape[-1]
+  lead = x.shape[:-1]
   if size > _SUM_BLOCK:
-    x = jnp.pad(x, (0, -size % _SUM_BLOCK)).reshape(-1, _SUM_BLOCK).sum(axis=1)
-    size = x.shape[0]
-  x = jnp.pad(x, (0, (1 << (size - 1).bit_length()) - size))
-  while x.shape[0] > 1:
-    x = x[0::2] + x[1::2]
-  return x[0]
+    pad = [(0, 0)] * len(lead) + [(0, -size % _SUM_BLOCK)]
+    x = jnp.pad(x, pad).reshape(lead + (-1, _SUM_BLOCK)).sum(axis=-1)
+    size = x.shape[-1]
+  x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, (1 << (size - 1).bit_length()) - size)])
+  while x.shape[-1] > 1:
+    x = x[..., 0::2] + x[..., 1::2]
+  return x[..., 0]
 
 
 def reduce_loss(

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxce import _common
+from jaxce import _sharding
 
 # ---------------------------------------------------------------------------
 # Row statistics: lse = shift + log(total).
@@ -58,6 +59,35 @@ class RowStats(NamedTuple):
   def safe_lse(self) -> jax.Array:
     """``lse`` with 0 for rows with no mass (safe to multiply by a zero coefficient)."""
     return self.shift + self.log_total
+
+
+def at_label(x: jax.Array, index: jax.Array) -> jax.Array:
+  """``x[..., index]`` per row: ``x [..., C]``, ``index`` int ``[...]`` in ``[0, C)``.
+
+  With the classes split over Explicit mesh axes it is a masked row sum (or
+  ``any`` for a boolean ``x``), which each device computes on its own classes.
+  """
+  if not _sharding.explicit_axes(x)[-1]:
+    return jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0]
+  hit = lax.broadcasted_iota(index.dtype, x.shape, x.ndim - 1) == index[..., None]
+  if x.dtype == jnp.bool_:
+    return jnp.any(hit & x, axis=-1)
+  return jnp.sum(jnp.where(hit, x, 0), axis=-1)
+
+
+def per_class(values: jax.Array, index: jax.Array) -> jax.Array:
+  """``values[index]``: a per-class ``(C,)`` array read at each row's label, laid out as ``index``.
+
+  Under a mesh of Explicit axes it is a masked sum over the classes, computed
+  where ``index`` lives (a gather there needs an output sharding that ``vmap``
+  cannot state).
+  """
+  if not (_sharding.in_explicit_mesh() or _sharding.is_explicitly_sharded(values)):
+    return values[index]
+  values = _sharding.replicated(values)
+  classes = lax.broadcasted_iota(index.dtype, index.shape + values.shape, index.ndim)
+  hit = classes == index[..., None]
+  return jnp.sum(jnp.where(hit, values, 0), axis=-1)
 
 
 def masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -251,7 +281,10 @@ def logits_grad(
     gx = gx - dense
   if labels is None:
     return gx
-  rows = jnp.arange(e.shape[0])
   values = -scales.at_label.astype(gx.dtype)
+  if _sharding.is_explicitly_sharded(gx):  # an elementwise select partitions cleanly
+    onehot = lax.broadcasted_iota(labels.dtype, gx.shape, 1) == labels[:, None]
+    return gx + jnp.where(onehot, values[:, None], 0.0)
+  rows = jnp.arange(e.shape[0])
   return gx.at[rows, labels].add(values, mode="promise_in_bounds", unique_indices=True,
                                  indices_are_sorted=True)

@@ -37,13 +37,17 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxce import _common
 from jaxce import _core
+from jaxce import _platform
+from jaxce import _sharding
 from jaxce._core import RowStats
 from jaxce._core import SmoothStats
 from jaxce._core import Target
+from jaxce._platform import SparseKernel
 
 
 def _zero_where_unused(g: jax.Array, value: jax.Array) -> jax.Array:
@@ -80,7 +84,7 @@ def _pivot_exp_fn(keep_exp: bool, dtype: str, pivot: bool = True):
 
     if not pivot:
       return by_max()
-    x_y = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0].astype(dtype)
+    x_y = _core.at_label(x, labels).astype(dtype)
     shift = lax.stop_gradient(jnp.where(live, x_y, jnp.inf))
     stats, e = _core.row_stats(x, shift)
     fast = (e if keep_exp else None, jnp.where(live, shift, 0.0), jnp.where(live, stats.total, 1.0))
@@ -126,9 +130,11 @@ class _SparseResiduals(NamedTuple):
   nll: jax.Array
   smooth: SmoothStats | None
   smooth_value: jax.Array | None
+  types: tuple  # the primals' (x, target, class_weights) types, for the cotangents
 
 
-def sparse_rows(x, mask, labels, live, target: Target, class_weights, *, pivot: bool = True):
+def sparse_rows(x, mask, labels, live, target: Target, class_weights, *,
+                kernel: SparseKernel = _platform.SPARSE_KERNELS["cpu"]):
   """Per-row loss ``Σ_c q_c (lse − x_c) + z·lse²`` for integer labels.
 
   Args:
@@ -139,38 +145,44 @@ def sparse_rows(x, mask, labels, live, target: Target, class_weights, *, pivot: 
       are 0 whatever their logits.
     target: per-row coefficients ``[...]`` (None fields: absent terms).
     class_weights: ``(C,)`` or None (enters the smoothing term).
-    pivot: shift rows by the label's logit (the fast path) rather than the max.
+    kernel: the kernel's design (:mod:`jaxce._platform`); every choice gives the same values.
 
   Returns:
     ``[...]`` losses in the compute dtype.
   """
   # One row axis: XLA then writes exp(x − p), the scaled gradient and the label
   # scatter in one buffer (a reshape between them would force a copy).
-  rows = labels.shape
+  order = _sharding.split_axes_first(labels)
+  rows = tuple(labels.shape[d] for d in order)
 
   def flat(v):
-    return None if v is None else v.reshape((math.prod(rows), *v.shape[len(rows):]))
+    if v is None:
+      return None
+    v = jnp.transpose(v, order + tuple(range(len(rows), v.ndim)))
+    return v.reshape((math.prod(rows), *v.shape[len(rows):]))
 
   target = Target(*map(flat, target))
-  return _sparse_rows(flat(x), flat(mask), flat(labels), flat(live), target, class_weights,
-                      pivot).reshape(rows)
+  loss = _sparse_rows(flat(x), flat(mask), flat(labels), flat(live), target, class_weights,
+                      kernel).reshape(rows)
+  return jnp.transpose(loss, np.argsort(order))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _sparse_rows(x, mask, labels, live, target, class_weights, pivot):
-  return _sparse_fwd(x, mask, labels, live, target, class_weights, pivot)[0]
+def _sparse_rows(x, mask, labels, live, target, class_weights, kernel):
+  return _sparse_fwd(x, mask, labels, live, target, class_weights, kernel)[0]
 
 
-def _sparse_fwd(x, mask, labels, live, target, class_weights, pivot):
+def _sparse_fwd(x, mask, labels, live, target, class_weights, kernel):
   dtype = _common.compute_dtype(x.dtype)
   xin = _core.masked(x, mask)
   # 32/64-bit logits: keep exp(x − p) for the backward (under jit it is written
   # straight into the gradient's buffer, so exp runs once). 16-bit logits: keep
   # only the logits and recompute, rather than hold a float32 copy.
-  keep_exp = jnp.dtype(x.dtype).itemsize >= 4
-  e, shift, total = _pivot_exp_fn(keep_exp, jnp.dtype(dtype).name, pivot)(xin, labels, live)
+  keep_exp = kernel.keep_exp and jnp.dtype(x.dtype).itemsize >= 4
+  e, shift, total = _pivot_exp_fn(keep_exp, jnp.dtype(dtype).name, kernel.label_pivot)(
+      xin, labels, live)
   stats = RowStats(shift, total)
-  x_y = jnp.take_along_axis(xin, labels[..., None], axis=-1)[..., 0].astype(dtype)
+  x_y = _core.at_label(xin, labels).astype(dtype)
   nll = jnp.where(live, (shift - x_y) + stats.log_total, 0.0)  # shift − x_y is 0 on the fast path
   smooth = smooth_value = None
   if target.smooth is not None:
@@ -186,11 +198,13 @@ def _sparse_fwd(x, mask, labels, live, target, class_weights, pivot):
   keep_logits = e is None or smooth is not None
   residuals = _SparseResiduals(
       x if keep_logits else None, mask if keep_logits else None, labels, live, e, live_stats,
-      target, class_weights, nll, smooth, smooth_value)
+      target, class_weights, nll, smooth, smooth_value,
+      (_sharding.type_of(x), Target(*map(_sharding.type_of, target)),
+       _sharding.type_of(class_weights)))
   return loss, residuals
 
 
-def _sparse_bwd(pivot, res: _SparseResiduals, g):
+def _sparse_bwd(kernel, res: _SparseResiduals, g):
   dtype = res.stats.total.dtype
   xm = None if res.x is None else _core.masked(res.x, res.mask).astype(dtype)
   e = res.e
@@ -213,6 +227,10 @@ def _sparse_bwd(pivot, res: _SparseResiduals, g):
       None if res.target.z is None else _zero_where_unused(g, res.stats.safe_lse**2),
   )
   gx = gx.astype(res.x.dtype if res.x is not None else res.e.dtype)
+  x_type, target_types, weights_type = res.types
+  gx = _sharding.like(gx, x_type)
+  d_target = Target(*map(_sharding.like, d_target, target_types))
+  d_weights = _sharding.like(d_weights, weights_type)
   return gx, None, None, None, d_target, d_weights
 
 
@@ -231,6 +249,7 @@ class _DenseResiduals(NamedTuple):
   z: jax.Array | None
   stats: RowStats
   q_sum: jax.Array
+  types: tuple  # the primals' (x, q, z) types, for the cotangents
 
 
 @jax.custom_vjp
@@ -258,7 +277,8 @@ def _dense_fwd(x, mask, q, z):
   loss = q_sum * stats.log_total - jnp.sum(jnp.where(q == 0, 0.0, q * shifted), axis=-1)
   if z is not None:
     loss = loss + z * stats.lse**2
-  return loss, _DenseResiduals(x, mask, q, z, stats, q_sum)
+  types = tuple(map(_sharding.type_of, (x, q, z)))
+  return loss, _DenseResiduals(x, mask, q, z, stats, q_sum, types)
 
 
 def _dense_bwd(res: _DenseResiduals, g):
@@ -267,13 +287,21 @@ def _dense_bwd(res: _DenseResiduals, g):
   target = Target(res.q_sum, None, res.z)
   scales = _core.grad_scales(target, res.stats, None, g)
   e = _core.row_stats(xm, res.stats.shift)[1]
-  flat = (math.prod(rows), xm.shape[-1])
-  gx = _core.logits_grad(e.reshape(flat), _core.GradScales(scales.probs.reshape(-1), None, None),
-                         dense=(g[..., None] * res.q).reshape(flat))
+  order = _sharding.split_axes_first(g)
+  perm = order + (len(rows),)
+
+  def flat(v):
+    return jnp.transpose(v, perm).reshape(math.prod(rows), -1)
+
+  gx = _core.logits_grad(flat(e), _core.GradScales(flat(scales.probs[..., None])[:, 0], None, None),
+                         dense=flat(g[..., None] * res.q))
+  gx = jnp.transpose(gx.reshape(tuple(rows[d] for d in order) + e.shape[-1:]), np.argsort(perm))
   neg_logp = jnp.where(xm == -jnp.inf, 0.0, res.stats.safe_lse[..., None] - xm)
   gq = _zero_where_unused(g[..., None], neg_logp)
   gz = None if res.z is None else _zero_where_unused(g, res.stats.lse**2)
-  return gx.reshape(res.x.shape).astype(res.x.dtype), None, gq, gz
+  x_type, q_type, z_type = res.types
+  gx = _sharding.like(gx.astype(res.x.dtype), x_type)
+  return gx, None, _sharding.like(gq, q_type), _sharding.like(gz, z_type)
 
 
 dense_rows.defvjp(_dense_fwd, _dense_bwd)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxce import _common
+from jaxce import _core
 
 
 def int_labels(labels: Any, fn: str) -> tuple[Any, np.ndarray | None]:
@@ -75,13 +76,13 @@ def label_masks(labels: jax.Array, num_classes: int, ignore_index: int | None):
   negative ``ignore_index`` never wraps onto a class of an unsigned or narrow
   dtype, and a class count beyond the dtype's range never overflows.
   """
-  in_range = jnp.ones(labels.shape, bool)
+  in_range = jnp.full_like(labels, True, dtype=bool)
   if jnp.iinfo(labels.dtype).min < 0:
     in_range = labels >= 0
   if _in_dtype_range(num_classes, labels.dtype):
     in_range = in_range & (labels < jnp.asarray(num_classes, labels.dtype))
   if ignore_index is None or not _in_dtype_range(ignore_index, labels.dtype):
-    ignored = jnp.zeros(labels.shape, bool)
+    ignored = jnp.full_like(labels, False, dtype=bool)
   else:
     ignored = labels == jnp.asarray(ignore_index, labels.dtype)
   return in_range, ignored
@@ -104,7 +105,7 @@ def resolve_labels(
   valid = in_range
   if mask is not None:
     keep = keep & jnp.any(mask, axis=-1)
-    valid = valid & jnp.take_along_axis(mask, index[..., None], axis=-1)[..., 0]
+    valid = valid & _core.at_label(mask, index)
   return Labels(index, keep, keep & ~valid)
 
 
