@@ -14,8 +14,8 @@ times them interleaved, one call each per round in rotating order, so machine no
 alike. The table gives min and median wall time over rounds (and the process CPU time, a steadier
 figure on a shared machine) and ratios of minima (medians in brackets).
 
-    /work/venv312/bin/python benchmarks/bench_linear.py          # the issue's shapes, fp32 + bf16
-    /work/venv312/bin/python benchmarks/bench_linear.py --quick  # smoke run, seconds
+    python3.12 benchmarks/bench_linear.py          # the four CPU shapes, fp32 + bf16
+    python3.12 benchmarks/bench_linear.py --quick  # smoke run, seconds
     python benchmarks/bench_linear.py --shapes 4096,1024,32768 --dtypes float32 --rounds 5
 """
 

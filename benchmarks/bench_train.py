@@ -1,7 +1,7 @@
 r"""Benchmark: train.py's speed against a minimal JAX step and against the PyTorch tutorial.
 
-  python benchmarks/bench_train.py --data_dir ../shared/data/mnist --repeats 5
-  python benchmarks/bench_train.py --data_dir ../shared/data/mnist --epochs 1 --repeats 1  # smoke
+  python benchmarks/bench_train.py --data_dir /path/to/mnist-idx --repeats 5
+  python benchmarks/bench_train.py --data_dir /path/to/mnist-idx --epochs 1 --repeats 1  # smoke
 
 Two measurements, both on the IDX files in ``--data_dir``:
 

@@ -16,6 +16,7 @@ as many as fit the case's share of ``--budget``. A candidate that fails is recor
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ sys.path[:0] = [REPO, HERE]
 import gpu_suite  # noqa: E402
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 import jax.numpy as jnp  # noqa: E402
+import variants  # noqa: E402  (benchmarks/variants.py)
 
 import jaxce  # noqa: E402
 
@@ -230,6 +232,12 @@ class Worker:
             fns = {"jaxce": jax.value_and_grad(ours), "optax": jax.value_and_grad(theirs),
                    "floor": lambda x: (jnp.max(x, axis=1), x * 0.5 + 1.0)}
             kind = "value_and_grad"
+          if loss == "sparse" and dtype == "float32":  # the kernel designs jaxce/_platform.py picks
+            for suffix, keep in (("", True), (", recompute exp", False)):
+              variant = functools.partial(variants.max_shift_sparse_cross_entropy, labels=y,
+                                          keep_exp=keep)
+              fns[f"jaxce max-shift{suffix}"] = (
+                  variant if kind == "value" else jax.value_and_grad(variant))
           self.run_case(case, fns, (x,), ref, kind, budget / 2)
           self.out[loss].append(case)
           self.save()

@@ -1,4 +1,4 @@
-"""Default hyperparameters: the reference MNIST MLP of the README (10 epochs).
+"""Default hyperparameters: the reference MNIST MLP of docs/training.md (10 epochs).
 
 Every field is described in :data:`HELP`, which ``python train.py --help`` prints with the defaults.
 """

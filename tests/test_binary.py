@@ -619,7 +619,7 @@ class TestBinaryCrossEntropyWithLogits(chex.TestCase):
 
   @needs_torch
   def test_torch_at_infinite_logits(self):
-    # Pins the README row: PyTorch's NaNs where jaxce gives the limit 0 (or inf).
+    # Pins the docs/semantics.md row: PyTorch's NaNs where jaxce gives the limit 0 (or inf).
     x = torch.tensor([np.inf, -np.inf, -np.inf, np.inf], requires_grad=True)
     y = torch.tensor([1.0, 0.0, 1.0, 0.0])
     loss = F.binary_cross_entropy_with_logits(x, y, reduction="none")
@@ -916,7 +916,7 @@ class TestBinaryOptionsAndDegenerateInputs(parameterized.TestCase):
   @parameterized.named_parameters(*BINARY_LOSSES)
   @needs_torch
   def test_torch_mean_of_empty_is_nan(self, loss_fn, kind):
-    # Pins the README row that documents jaxce's 0 as a choice.
+    # Pins the docs/semantics.md row that documents jaxce's 0 as a choice.
     torch_fn = {"probs": F.binary_cross_entropy,
                 "logits": F.binary_cross_entropy_with_logits}[kind]
     assert np.isnan(torch_fn(torch.zeros(0), torch.zeros(0), reduction="mean").item())

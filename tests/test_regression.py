@@ -383,7 +383,7 @@ class TestMseLoss(chex.TestCase):
 
   @needs_torch
   def test_torch_mean_of_empty_is_nan(self):
-    # Pins the README row that documents jaxce's 0 as a choice.
+    # Pins the docs/semantics.md row that documents jaxce's 0 as a choice.
     assert np.isnan(F.mse_loss(torch.zeros(0), torch.zeros(0), reduction="mean").item())
 
   @parameterized.product(shape=((300,), (20, 30), (4, 8, 16)), reduction=("sum", "mean"))
