@@ -17,6 +17,7 @@ figure on a shared machine) and ratios of minima (medians in brackets).
     python3.12 benchmarks/bench_linear.py          # the four CPU shapes, fp32 + bf16
     python3.12 benchmarks/bench_linear.py --quick  # smoke run, seconds
     python benchmarks/bench_linear.py --shapes 4096,1024,32768 --dtypes float32 --rounds 5
+    python benchmarks/bench_linear.py --impls jaxce --baseline REV   # against an older jaxce
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import statistics
 import sys
 import time
 
+import baseline  # benchmarks/baseline.py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +60,8 @@ def parse_args(argv=None):
   p.add_argument("--check", action="store_true",
                  help="print each candidate's gradient error relative to the naive version's")
   p.add_argument("--memory-only", action="store_true", help="compile, report memory, run nothing")
+  p.add_argument("--baseline", action="append", default=[], metavar="REV",
+                 help="also time the jaxce of git revision REV, side by side (repeatable)")
   p.add_argument("--quick", action="store_true", help="one small shape, float32, 2 rounds")
   args = p.parse_args(argv)
   if args.quick:
@@ -66,6 +70,7 @@ def parse_args(argv=None):
   args.dtypes = [jnp.dtype(d) for d in args.dtypes.split(",") if d]
   args.impls = [i for i in args.impls.split(",") if i]
   args.variants = [parse_variant(v) for v in args.variants.split(";") if v]
+  args.baselines = {rev: baseline.import_jaxce(rev) for rev in args.baseline}
   return args
 
 
@@ -110,6 +115,10 @@ def candidates(args, labels):
   fns = {name: fn for name, fn in fns.items() if name in args.impls}
   for text, options in args.variants:
     fns[f"jaxce[{text}]"] = ours(**options)
+  for rev, module in args.baselines.items():
+    fns[f"jaxce@{rev}"] = (lambda h, w, m=module: m.linear_cross_entropy(
+        h, w, labels, reduction="mean", token_chunk_size=args.token_chunk_size,
+        chunk_size=args.chunk_size, grad_accumulation_dtype=args.accumulate))
   return fns
 
 
@@ -163,8 +172,8 @@ def run_case(args, n, d, v, dtype):
     wall, cpu = times[name]
     print(f"| {name} | {losses[name]:.6f} | {memory[name]:.1f} MiB | {seconds(min(wall))} "
           f"| {seconds(statistics.median(wall))} | {seconds(min(cpu))} |")
-  for ours in (name for name in times if name.startswith("jaxce")):
-    for other in ("tokamax", "naive"):
+  for ours in (name for name in times if name.startswith("jaxce") and "@" not in name):
+    for other in ("tokamax", "naive", *(f"jaxce@{rev}" for rev in args.baselines)):
       if other in times:
         print(f"{ours} / {other}: wall {ratio(times[ours][0], times[other][0])}, "
               f"CPU {ratio(times[ours][1], times[other][1])}, "

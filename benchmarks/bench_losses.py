@@ -21,25 +21,19 @@ table gives the minimum and the median over rounds, and ratios of minima (median
 from __future__ import annotations
 
 import argparse
-import importlib
-import io
 import os
-import pathlib
 import platform
-import re
 import shlex
 import statistics
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 
+import baseline  # benchmarks/baseline.py  # benchmarks/variants.py, beside this script
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import variants  # benchmarks/variants.py, beside this script
+import variants
 
 import jaxce
 
@@ -77,27 +71,6 @@ def interleaved(candidates, rounds):
       candidates[name]()
       times[name].append(time.perf_counter() - start)
   return times
-
-
-def import_baseline(rev):
-  """Imports the ``jaxce`` package of git revision ``rev`` as a module ``jaxce_<rev>``."""
-  repo = pathlib.Path(__file__).resolve().parent.parent
-  try:
-    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "jaxce"],
-                             check=True, capture_output=True).stdout
-  except (OSError, subprocess.CalledProcessError) as e:
-    why = (getattr(e, "stderr", b"") or b"").decode().strip() or e
-    raise SystemExit(f"bench_losses: cannot read revision {rev!r}: {why}") from e
-  root = pathlib.Path(tempfile.mkdtemp(prefix="jaxce_baseline_"))
-  with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-    tar.extractall(root, filter="data")
-  name = "jaxce_" + re.sub(r"\W", "_", rev)
-  package = root / name
-  (root / "jaxce").rename(package)
-  for path in package.glob("*.py"):  # its absolute imports name the renamed package
-    path.write_text(re.sub(r"\bjaxce\b(?=[._ ])", name, path.read_text()))
-  sys.path.insert(0, str(root))
-  return importlib.import_module(name)
 
 
 def jax_call(fn, *args):
@@ -144,7 +117,7 @@ def bench_sparse(args):
   def older(module):
     return lambda x: module.sparse_cross_entropy(x, labels, reduction="mean")
 
-  olds = {rev: older(import_baseline(rev)) for rev in args.baseline}
+  olds = {rev: older(baseline.import_jaxce(rev)) for rev in args.baseline}
 
   def floor_read(x):
     return x.max(axis=1)
