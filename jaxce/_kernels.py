@@ -25,8 +25,14 @@ backward, so ``exp`` runs once; under ``jit`` XLA writes it straight into the
 gradient's buffer. For 16-bit logits the forward keeps only the logits and the
 backward recomputes ``exp``, rather than hold a float32 copy.
 
+Both choices (the label pivot and the kept ``exp``) are read per platform from
+:mod:`jaxce._platform`; every combination gives the same values and gradients.
+
 Probability labels (``dense_rows``) save the row statistics and the backward
 recomputes ``exp`` from the logits.
+
+Cotangents get their primals' types (:func:`jaxce._sharding.like`): the same
+explicit sharding and, inside ``shard_map``, the same varying manual axes.
 """
 
 from __future__ import annotations

@@ -31,10 +31,6 @@ def is_symbolic(dim: Any) -> bool:
   return not isinstance(dim, int)
 
 
-def has_symbolic_shape(x: jax.Array) -> bool:
-  return any(is_symbolic(d) for d in x.shape)
-
-
 def explicit_axes(x: Any) -> tuple[tuple[str, ...], ...]:
   """Per dimension of ``x``, the Explicit mesh axes it is split over (``()`` when none)."""
   ndim = jnp.ndim(x)
@@ -83,11 +79,6 @@ def rows_like(labels: jax.Array, x: jax.Array) -> jax.Array:
     return labels
   spec = jax.sharding.PartitionSpec(*(n if n else None for n in want))
   return jax.sharding.reshard(labels, spec)
-
-
-def explicit(x: jax.Array):
-  """``x``'s sharding when Explicit mesh axes split it, else None (an ``out_sharding=``)."""
-  return jax.typeof(x).sharding if is_explicitly_sharded(x) else None
 
 
 def replicated(x: jax.Array) -> jax.Array:
