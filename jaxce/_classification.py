@@ -54,6 +54,7 @@ def sparse_cross_entropy(
     where: ArrayLike | None = None,
     reduction: str = "none",
     z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> jax.Array:
   r"""Softmax cross-entropy with integer class labels.
 
@@ -105,6 +106,10 @@ def sparse_cross_entropy(
     reduction: ``"none"``, ``"mean"`` or ``"sum"``.
     z_loss: coefficient :math:`z \ge 0` of the auxiliary ``z·lse²`` term added
       to each kept example (PaLM/T5X), which keeps logits from drifting.
+    softcap: None, or :math:`s > 0`: the logits become ``s·tanh(logits / s)``
+      before the softmax (Gemma 2's logit soft-capping); gradients reach the
+      logits and ``s``. A ``-inf`` logit becomes ``-s`` (mask classes with
+      ``where``).
 
   Returns:
     Per-example losses of ``logits.shape`` without ``axis`` for ``"none"``,
@@ -128,7 +133,8 @@ def sparse_cross_entropy(
   x, mask, axis = _logits(logits, axis, where, fn)
   w = _common.class_weights(class_weights, x.shape[axis], fn)
   labels = _int_labels(labels, x, axis, ignore_index, mask, fn)
-  return _sparse(x, labels, mask, w, smoothing, z, axis=axis, ignore_index=ignore_index,
+  cap = _common.softcap_option(softcap, fn)
+  return _sparse(x, labels, mask, w, smoothing, z, cap, axis=axis, ignore_index=ignore_index,
                  reduction=reduction, kernel=_platform.sparse_kernel())
 
 
@@ -136,9 +142,11 @@ _SPARSE = "jaxce.sparse_cross_entropy"
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "reduction", "kernel"))
-def _sparse(x, labels, mask, w, smoothing, z, *, axis, ignore_index, reduction, kernel):
+def _sparse(x, labels, mask, w, smoothing, z, cap, *, axis, ignore_index, reduction, kernel):
   """The numeric core of :func:`sparse_cross_entropy`, compiled once per static configuration."""
   x, mask = _classes_last(x, axis), _classes_last(mask, axis)
+  if cap is not None:
+    x = _core.softcap(x, _common.cap_or_nan(cap))
   labels = _sharding.rows_like(labels, x)
   lab = _labels.resolve_labels(labels, x.shape[-1], ignore_index, mask)
   _labels.debug_check_labels(lab.bad, x.shape[-1], ignore_index, mask is not None, _SPARSE)
@@ -167,6 +175,7 @@ def dense_cross_entropy(
     where: ArrayLike | None = None,
     reduction: str = "none",
     z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> jax.Array:
   r"""Softmax cross-entropy with probability (soft) labels.
 
@@ -199,6 +208,8 @@ def dense_cross_entropy(
     reduction: ``"none"``, ``"mean"`` or ``"sum"``.
     z_loss: coefficient :math:`z \ge 0` of the auxiliary ``z·lse²`` term added
       to each example.
+    softcap: None, or :math:`s > 0`: the logits become ``s·tanh(logits / s)``
+      before the softmax, as in :func:`sparse_cross_entropy`.
 
   Returns:
     Per-example losses of ``logits.shape`` without ``axis`` for ``"none"``,
@@ -228,13 +239,16 @@ def dense_cross_entropy(
     )
   _common.check_shape(labels, x.shape, "labels", "logits", fn)
   w = _common.class_weights(class_weights, x.shape[axis], fn)
-  return _dense(x, labels, mask, w, smoothing, z, axis=axis, reduction=reduction)
+  cap = _common.softcap_option(softcap, fn)
+  return _dense(x, labels, mask, w, smoothing, z, cap, axis=axis, reduction=reduction)
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "reduction"))
-def _dense(x, labels, mask, w, smoothing, z, *, axis, reduction):
+def _dense(x, labels, mask, w, smoothing, z, cap, *, axis, reduction):
   """The numeric core of :func:`dense_cross_entropy`, compiled once per static configuration."""
   x, mask = _classes_last(x, axis), _classes_last(mask, axis)
+  if cap is not None:
+    x = _core.softcap(x, _common.cap_or_nan(cap))
   smoothing, z = _common.option_or_nan(smoothing, 1.0), _common.option_or_nan(z)
   dtype = _common.compute_dtype(x.dtype)
   target = _classes_last(labels, axis).astype(dtype)

@@ -110,6 +110,39 @@ def scalar_option(value: Any, name: str, fn: str, *, upper: float | None = None
                       else jnp.float32)
 
 
+def softcap_option(value: Any, fn: str) -> jax.Array | None:
+  """``softcap``: None, or a finite scalar ``> 0`` (a concrete 0, negative or non-finite cap is a
+  ``ValueError``; a traced one gives NaN inside the loss, :func:`cap_or_nan`)."""
+  if value is None:
+    return None
+  domain = "None or a finite scalar > 0"
+  if not isinstance(value, jax.core.Tracer):
+    try:
+      number = np.asarray(value)
+    except (TypeError, ValueError):
+      number = None
+    numeric = number is not None and number.dtype.kind in "fiu"
+    if not numeric or isinstance(value, (str, bytes, bool, np.bool_)):
+      raise TypeError(f"{fn}: softcap must be {domain}; got {value!r}.")
+    if number.shape != ():
+      raise ValueError(f"{fn}: softcap must be {domain}; got an array of shape {number.shape}.")
+    if not (np.isfinite(float(number)) and float(number) > 0):
+      raise ValueError(f"{fn}: softcap must be {domain}; got {float(number)!r}.")
+  elif value.shape != () or not jnp.issubdtype(value.dtype, jnp.floating):
+    raise TypeError(f"{fn}: softcap must be {domain}; got a traced array of dtype "
+                    f"{value.dtype} and shape {value.shape}.")
+  cap = jnp.asarray(value)
+  return cap.astype(compute_dtype(cap.dtype) if jnp.issubdtype(cap.dtype, jnp.floating)
+                    else jnp.float32)
+
+
+def cap_or_nan(cap: jax.Array | None) -> jax.Array | None:
+  """Inside a trace: a traced cap that is not finite and ``> 0`` becomes NaN (so the loss does)."""
+  if cap is None:
+    return None
+  return jnp.where(jnp.isfinite(cap) & (cap > 0), cap, jnp.nan)
+
+
 def option_or_nan(value: jax.Array | None, upper: float | None = None) -> jax.Array | None:
   """Inside a trace: a traced option outside its domain becomes NaN (so the loss does)."""
   if value is None:

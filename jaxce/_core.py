@@ -90,6 +90,39 @@ def per_class(values: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(hit, values, 0), axis=-1)
 
 
+@jax.custom_vjp
+def softcap(x: jax.Array, cap: jax.Array) -> jax.Array:
+  """``cap · tanh(x / cap)`` (Gemma's logit soft-capping), in ``x``'s dtype.
+
+  Computed in the compute dtype; the backward recomputes ``tanh`` from ``x``
+  (which the caller keeps anyway) instead of keeping a capped copy. The
+  gradient w.r.t. ``cap`` is ``Σ g·(tanh u − u·(1 − tanh² u))``, ``u = x / cap``,
+  whose second term is 0 at ``x = ±inf`` (its limit).
+  """
+  return _softcap_fwd(x, cap)[0]
+
+
+def _softcap_fwd(x, cap):
+  dtype = _common.compute_dtype(x.dtype)
+  capped = (cap * jnp.tanh(x.astype(dtype) / cap)).astype(x.dtype)
+  return capped, (x, cap, _sharding.type_of(x), _sharding.type_of(cap))
+
+
+def _softcap_bwd(res, g):
+  x, cap, x_type, cap_type = res
+  dtype = _common.compute_dtype(x.dtype)
+  u = x.astype(dtype) / cap
+  t = jnp.tanh(u)
+  slope = 1.0 - t * t
+  g = g.astype(dtype)
+  gx = (g * slope).astype(x.dtype)
+  gcap = jnp.sum(g * (t - jnp.where(jnp.isfinite(u), u * slope, 0.0))).astype(cap.dtype)
+  return _sharding.like(gx, x_type), _sharding.like(gcap, cap_type)
+
+
+softcap.defvjp(_softcap_fwd, _softcap_bwd)
+
+
 def masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
   """``x`` with masked-out entries set to ``-inf`` (impossible classes)."""
   return x if mask is None else jnp.where(mask, x, -jnp.inf)
