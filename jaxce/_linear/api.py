@@ -44,6 +44,7 @@ def linear_cross_entropy(
     where: ArrayLike | None = None,
     reduction: str = "none",
     z_loss: float = 0.0,
+    softcap: float | None = None,
     chunk_size: int | None = None,
     token_chunk_size: int | None = None,
     grad_accumulation_dtype: DTypeLike | None = None,
@@ -106,6 +107,10 @@ def linear_cross_entropy(
       ``False`` examples count as ignored.
     reduction: ``"none"`` (default, as optax), ``"mean"`` or ``"sum"``.
     z_loss: coefficient :math:`\zeta \ge 0` of the ``lse²`` term (PaLM).
+    softcap: None, or :math:`s > 0`: the logits become ``s·tanh(z / s)`` before
+      the softmax (Gemma 2's soft-capping), inside each block (no extra pass
+      over the vocabulary, no extra matmul); gradients reach ``hidden``,
+      ``weight``, ``bias`` and ``s``. A ``-inf`` bias becomes ``-s``.
     chunk_size: vocabulary columns per tile (need not divide V). Default on
       CPU 1024; on GPU/TPU 8192, and the whole vocabulary for the fused
       path's weight-gradient product.
@@ -193,7 +198,8 @@ def linear_cross_entropy(
       accumulate=_accumulation_option(grad_accumulation_dtype, fn),
       platform=platform(mesh),
   )
-  return _linear(config, hidden, weight, bias, class_weights, labels, mask, smoothing, z)
+  cap = _common.softcap_option(softcap, fn)
+  return _linear(config, hidden, weight, bias, class_weights, labels, mask, smoothing, z, cap)
 
 
 def platform(mesh) -> str:
@@ -319,13 +325,15 @@ class Config(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _linear(config: Config, hidden, weight, bias, class_weights, labels, mask, smoothing, z):
+def _linear(config: Config, hidden, weight, bias, class_weights, labels, mask, smoothing, z,
+            cap):
   """The numeric core of :func:`linear_cross_entropy`, compiled once per static configuration."""
   num_classes, batch_shape, layout = weight.shape[1], labels.shape, config.layout
   params, labels, mask = sharded.place_inputs(
-      layout, blocks.Params(hidden.reshape(-1, hidden.shape[-1]), weight, bias, class_weights),
+      layout, blocks.Params(hidden.reshape(-1, hidden.shape[-1]), weight, bias, class_weights,
+                            _common.cap_or_nan(cap)),
       labels.reshape(-1), None if mask is None else mask.reshape(-1))
-  hidden, weight, bias, class_weights = params
+  hidden, weight, bias, class_weights, cap = params
   lab = _labels.resolve_labels(labels, num_classes, config.ignore_index)
   keep, bad = lab.keep, lab.bad
   if mask is not None:
@@ -350,7 +358,7 @@ def _linear(config: Config, hidden, weight, bias, class_weights, labels, mask, s
     keep, bad, w_y = blocks.pad_rows((keep, bad, w_y), size, False)
   else:
     index = lab.index
-  params = blocks.Params(hidden, weight, bias, class_weights)
+  params = blocks.Params(hidden, weight, bias, class_weights, cap)
   rows = blocks.Rows(index, keep, bad, target)
   if config.reduction == "none":
     losses = recompute.row_losses(config, params, rows)

@@ -30,6 +30,7 @@ class Params(NamedTuple):
   weight: jax.Array  # [D, V], the projection
   bias: jax.Array | None  # [V]
   class_weights: jax.Array | None  # [V]; the loss depends on them through smoothing
+  softcap: jax.Array | None = None  # scalar s: the logits are s·tanh(z / s)
 
 
 class Rows(NamedTuple):
@@ -58,6 +59,7 @@ class Grads(NamedTuple):
   weight: jax.Array
   bias: jax.Array | None
   class_weights: jax.Array | None
+  softcap: jax.Array | None = None
 
 
 def compute_dtype(params: Params):
@@ -77,6 +79,7 @@ def zero_grads(config, params: Params, dtype, want_class_weights: bool) -> Grads
       None if params.bias is None else jnp.zeros(
           params.bias.shape, config.accumulator(params.bias.dtype, dtype)),
       jnp.zeros(params.class_weights.shape, dtype) if want_class_weights else None,
+      None if params.softcap is None else jnp.zeros((), dtype),
   )
 
 
@@ -289,17 +292,34 @@ def logits(hidden, weight, bias, start, size, dtype):
   return x
 
 
-def logits_grad(x, e, scales, class_weights, index, start, mm_dtype) -> jax.Array:
+def capped(raw, softcap):
+  """``s·tanh(z / s)`` of a block of raw logits (``raw`` itself without a cap)."""
+  return raw if softcap is None else softcap * jnp.tanh(raw / softcap)
+
+
+def logits_grad(x, e, scales, class_weights, index, start, mm_dtype, *, raw=None, softcap=None):
   """The logits gradient of a block of columns ``[start, start + size)``, in ``mm_dtype``.
 
   The label term ``−at_label·[c = y]`` is a select fused into the same
   elementwise pass (and the cast), not a scatter: XLA:CPU copies a block
   before scattering into it, which would cost a second ``[R, size]`` buffer.
+
+  With ``softcap`` (``x`` the capped logits of ``raw``) the gradient is taken
+  through the cap, ``·(1 − tanh²(raw / s))``, in the same pass; it then returns
+  ``(gradient, per-row cap gradient)``, the latter ``Σ_c dl·(t − u·(1 − t²))``
+  with ``u = raw / s`` and ``t = tanh u`` (0 for ``u = ±inf``, its limit).
   """
   possible = None if scales.per_class is None else x > -jnp.inf
   dl = _core.logits_grad(e, scales, None, possible=possible, weights=class_weights)
   at_label = lax.broadcasted_iota(jnp.int32, dl.shape, 1) + start == index[:, None]
-  return jnp.where(at_label, dl - scales.at_label[:, None], dl).astype(mm_dtype)
+  dl = jnp.where(at_label, dl - scales.at_label[:, None], dl)
+  if softcap is None:
+    return dl.astype(mm_dtype)
+  u = raw / softcap
+  t = jnp.tanh(u)  # from the raw logits: x is -inf where a column is masked out
+  slope = 1.0 - t * t
+  d_cap = jnp.sum(dl * (t - jnp.where(jnp.isfinite(u), u * slope, 0.0)), axis=1)
+  return (dl * slope).astype(mm_dtype), d_cap
 
 
 def hidden_grad(dl_mm, weight_cols, dtype):

@@ -31,7 +31,8 @@ def _stats_pass(config, params: Params, index, smooth: bool, layout: Layout) -> 
     h, idx = blocks.slice_rows((params.hidden, index - offset), start, size)
 
     def tile(acc, c0, cols, skip):
-      x = blocks.logits(h, params.weight, params.bias, c0, cols, dtype)
+      x = blocks.capped(blocks.logits(h, params.weight, params.bias, c0, cols, dtype),
+                        params.softcap)
       x, idx_c = blocks.fresh_columns(x, idx, c0, skip)
       stats = blocks.block_stats(x, idx_c, c0, blocks.cols(params.class_weights, c0, cols),
                                  smooth)[0]
@@ -65,14 +66,18 @@ def _grad_pass(config, params: Params, rows: Rows, stats: Stats, g, layout: Layo
 
     def tile(carry, c0, cols, col_skip):
       grads, d_h = carry
-      x = blocks.logits(h, params.weight, params.bias, c0, cols, dtype)
-      x, idx_c = blocks.fresh_columns(x, idx, c0, col_skip)
+      raw = blocks.logits(h, params.weight, params.bias, c0, cols, dtype)
+      x, idx_c = blocks.fresh_columns(blocks.capped(raw, params.softcap), idx, c0, col_skip)
       e = _core.row_stats(x, st.row.shift)[1]
       if want_class_weights:
         grads = grads._replace(class_weights=blocks.add_cols(
             grads.class_weights, blocks.class_weights_grad(x, sc_fresh, st.row.safe_lse), c0))
       dl_mm = blocks.logits_grad(x, e, sc, blocks.cols(params.class_weights, c0, cols), idx_c, c0,
-                                 mm_dtype)
+                                 mm_dtype, raw=raw, softcap=params.softcap)
+      if params.softcap is not None:
+        dl_mm, d_cap = dl_mm
+        grads = grads._replace(
+            softcap=grads.softcap + jnp.sum(blocks.fresh_rows(d_cap, row_skip)))
       d_h = d_h + blocks.hidden_grad(dl_mm, blocks.cols(params.weight, c0, cols), dtype)
       return blocks.add_weight_tile(grads, h_fresh, dl_mm, c0, row_skip, config.platform), d_h
 

@@ -59,7 +59,7 @@ class Layout(NamedTuple):
   def params(self) -> blocks.Params:
     """Specs of the parameters."""
     return blocks.Params(hidden=P(self.tokens or None, None), weight=P(None, self.vocab_axis),
-                         bias=self.classes, class_weights=self.classes)
+                         bias=self.classes, class_weights=self.classes, softcap=P())
 
   @property
   def grads(self) -> blocks.Grads:
@@ -228,6 +228,8 @@ def reduce_grads(grads: blocks.Grads, layout: Layout) -> blocks.Grads:
   rest = grads._replace(hidden=None)
   if layout.tokens:
     rest = lax.psum(rest, layout.tokens)
+  if rest.softcap is not None and layout.vocab_axis is not None:  # each device had its classes
+    rest = rest._replace(softcap=lax.psum(rest.softcap, layout.vocab))
   return rest._replace(hidden=hidden)
 
 
