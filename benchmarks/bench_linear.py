@@ -56,7 +56,7 @@ def parse_args(argv=None):
   p.add_argument("--variants", default="",
                  help="extra jaxce settings to time beside the others, e.g. "
                       "'t=1024,c=8192;acc=bfloat16' (t: token_chunk_size, c: chunk_size, "
-                      "acc: grad_accumulation_dtype)")
+                      "acc: grad_accumulation_dtype, cap: softcap)")
   p.add_argument("--check", action="store_true",
                  help="print each candidate's gradient error relative to the naive version's")
   p.add_argument("--memory-only", action="store_true", help="compile, report memory, run nothing")
@@ -74,7 +74,8 @@ def parse_args(argv=None):
   return args
 
 
-_VARIANT_KEYS = {"t": "token_chunk_size", "c": "chunk_size", "acc": "grad_accumulation_dtype"}
+_VARIANT_KEYS = {"t": "token_chunk_size", "c": "chunk_size", "acc": "grad_accumulation_dtype",
+                 "cap": "softcap"}
 
 
 def parse_variant(text):
@@ -85,7 +86,7 @@ def parse_variant(text):
     if key not in _VARIANT_KEYS:
       raise SystemExit(f"bench_linear: unknown variant key {key!r} in {text!r}; "
                        f"use {', '.join(_VARIANT_KEYS)}")
-    options[_VARIANT_KEYS[key]] = value if key == "acc" else int(value)
+    options[_VARIANT_KEYS[key]] = {"acc": str, "cap": float}.get(key, int)(value)
   return text, options
 
 
