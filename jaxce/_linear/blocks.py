@@ -297,17 +297,18 @@ def capped(raw, softcap):
   return raw if softcap is None else softcap * jnp.tanh(raw / softcap)
 
 
-def logits_grad(x, e, scales, class_weights, index, start, mm_dtype, *, raw=None, softcap=None):
+def logits_grad(x, e, scales, class_weights, index, start, mm_dtype, *, softcap=None):
   """The logits gradient of a block of columns ``[start, start + size)``, in ``mm_dtype``.
 
   The label term ``−at_label·[c = y]`` is a select fused into the same
   elementwise pass (and the cast), not a scatter: XLA:CPU copies a block
   before scattering into it, which would cost a second ``[R, size]`` buffer.
 
-  With ``softcap`` (``x`` the capped logits of ``raw``) the gradient is taken
-  through the cap, ``·(1 − tanh²(raw / s))``, in the same pass; it then returns
-  ``(gradient, per-row cap gradient)``, the latter ``Σ_c dl·(t − u·(1 − t²))``
-  with ``u = raw / s`` and ``t = tanh u`` (0 for ``u = ±inf``, its limit).
+  With ``softcap`` (``x`` the capped logits, ``s·tanh u``) the gradient is
+  taken through the cap, ``·(1 − t²)`` with ``t = x / s``, in the same pass,
+  from ``x`` alone (no raw logits kept); it then returns ``(gradient, per-row
+  cap gradient)``, the latter ``Σ_c dl·(t − u·(1 − t²))`` with ``u = atanh t``
+  (0 where ``t = ±1``, its limit; masked-out columns add nothing).
   """
   possible = None if scales.per_class is None else x > -jnp.inf
   dl = _core.logits_grad(e, scales, None, possible=possible, weights=class_weights)
@@ -315,10 +316,11 @@ def logits_grad(x, e, scales, class_weights, index, start, mm_dtype, *, raw=None
   dl = jnp.where(at_label, dl - scales.at_label[:, None], dl)
   if softcap is None:
     return dl.astype(mm_dtype)
-  u = raw / softcap
-  t = jnp.tanh(u)  # from the raw logits: x is -inf where a column is masked out
+  live = x > -jnp.inf  # a masked-out column: dl is 0 there
+  t = jnp.where(live, x / softcap, 0.0)
   slope = 1.0 - t * t
-  d_cap = jnp.sum(dl * (t - jnp.where(jnp.isfinite(u), u * slope, 0.0)), axis=1)
+  u_slope = jnp.where(slope > 0, jnp.arctanh(t) * slope, 0.0)
+  d_cap = jnp.sum(jnp.where(live, dl * (t - u_slope), 0.0), axis=1)
   return (dl * slope).astype(mm_dtype), d_cap
 
 

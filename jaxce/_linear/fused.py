@@ -46,8 +46,8 @@ def _fused_pass(config, params: Params, rows: Rows, layout: Layout):
     h, idx, target, g_rows = blocks.slice_rows(
         (params.hidden, rows.index - offset, rows.target, g), start, size)
     h_fresh = blocks.fresh_rows(h, row_skip)
-    raw = blocks.logits(h, params.weight, params.bias, 0, num_classes, dtype)
-    x = blocks.capped(raw, params.softcap)
+    x = blocks.capped(blocks.logits(h, params.weight, params.bias, 0, num_classes, dtype),
+                      params.softcap)
     local, e = blocks.block_stats(x, idx, 0, params.class_weights, smooth)
     stats = blocks.combine(local, axis)
     scales = _core.grad_scales(target, stats.row, stats.smooth, g_rows)
@@ -57,7 +57,7 @@ def _fused_pass(config, params: Params, rows: Rows, layout: Layout):
     if want_class_weights:
       grads = grads._replace(class_weights=grads.class_weights + blocks.class_weights_grad(
           x, blocks.fresh_rows(scales, row_skip), stats.row.safe_lse))
-    dl_mm = blocks.logits_grad(x, e, scales, params.class_weights, idx, 0, mm_dtype, raw=raw,
+    dl_mm = blocks.logits_grad(x, e, scales, params.class_weights, idx, 0, mm_dtype,
                                softcap=params.softcap)
     if params.softcap is not None:
       dl_mm, d_cap = dl_mm

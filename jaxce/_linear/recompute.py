@@ -66,14 +66,15 @@ def _grad_pass(config, params: Params, rows: Rows, stats: Stats, g, layout: Layo
 
     def tile(carry, c0, cols, col_skip):
       grads, d_h = carry
-      raw = blocks.logits(h, params.weight, params.bias, c0, cols, dtype)
-      x, idx_c = blocks.fresh_columns(blocks.capped(raw, params.softcap), idx, c0, col_skip)
+      x = blocks.capped(blocks.logits(h, params.weight, params.bias, c0, cols, dtype),
+                        params.softcap)
+      x, idx_c = blocks.fresh_columns(x, idx, c0, col_skip)
       e = _core.row_stats(x, st.row.shift)[1]
       if want_class_weights:
         grads = grads._replace(class_weights=blocks.add_cols(
             grads.class_weights, blocks.class_weights_grad(x, sc_fresh, st.row.safe_lse), c0))
       dl_mm = blocks.logits_grad(x, e, sc, blocks.cols(params.class_weights, c0, cols), idx_c, c0,
-                                 mm_dtype, raw=raw, softcap=params.softcap)
+                                 mm_dtype, softcap=params.softcap)
       if params.softcap is not None:
         dl_mm, d_cap = dl_mm
         grads = grads._replace(
