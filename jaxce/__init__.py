@@ -1,5 +1,6 @@
 """jaxce: numerically stable softmax and cross-entropy losses in pure JAX."""
 
+from jaxce._aux import CrossEntropyAux
 from jaxce._binary import binary_cross_entropy
 from jaxce._binary import binary_cross_entropy_with_logits
 from jaxce._checks import checked
@@ -15,6 +16,7 @@ from jaxce._softmax import softmax
 __version__ = "0.1.0"
 
 __all__ = (
+    "CrossEntropyAux",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "checked",
