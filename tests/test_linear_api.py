@@ -335,8 +335,19 @@ class LinearCrossEntropyTest(parameterized.TestCase):
       ("where_shape", dict(where=np.ones((N + 1,), bool)), ValueError, "where shape"),
       ("where_dtype", dict(where=np.ones((N,), np.int32)), TypeError, "where must be a boolean"),
       ("scalar_hidden", dict(hidden=np.float32(1.0)), ValueError, "hidden must have shape"),
-      ("float_labels", dict(labels=np.zeros((N,), np.float32)), TypeError,
-       "labels must be integer"),
+      ("float_labels", dict(labels=np.zeros((N,), np.float32)), ValueError,
+       r"labels of dtype float32 are probability targets and must have shape "
+       r"hidden.shape\[:-1\] \+ \(V,\) = \(11, 19\); got \(11,\). Class indices must be "
+       "integers"),
+      ("bool_labels", dict(labels=np.zeros((N,), bool)), TypeError,
+       r"labels must be integer class indices \[...\] or floating probability targets "
+       r"\[..., V\]; got dtype bool"),
+      ("complex_labels", dict(labels=np.zeros((N, V), np.complex64)), TypeError,
+       "got dtype complex64"),
+      ("probs_with_ignore_index", dict(labels=np.zeros((N, V), np.float32), ignore_index=-100),
+       ValueError, "ignore_index applies to class-index labels only; got probability targets of "
+       r"shape \(11, 19\) with ignore_index=-100. Mask examples with where= instead"),
+      ("return_aux", dict(return_aux=1), TypeError, "return_aux must be True or False; got 1"),
       ("int_hidden", dict(hidden=np.zeros((N, D), np.int32)), TypeError,
        "hidden must be a real floating-point"),
       ("complex_hidden", dict(hidden=np.zeros((N, D), np.complex64)), TypeError,

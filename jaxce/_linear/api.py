@@ -21,6 +21,7 @@ from jax import lax
 from jax.typing import ArrayLike
 from jax.typing import DTypeLike
 
+from jaxce import _aux
 from jaxce import _common
 from jaxce import _core
 from jaxce import _labels
@@ -45,14 +46,15 @@ def linear_cross_entropy(
     reduction: str = "none",
     z_loss: float = 0.0,
     softcap: float | None = None,
+    return_aux: bool = False,
     chunk_size: int | None = None,
     token_chunk_size: int | None = None,
     grad_accumulation_dtype: DTypeLike | None = None,
     mesh: jax.sharding.Mesh | None = None,
     token_axes: str | tuple[str, ...] | None = None,
     vocab_axis: str | tuple[str, ...] | None = None,
-) -> jax.Array:
-  r"""Sparse softmax cross-entropy of ``hidden @ weight + bias``, never storing the logits.
+) -> jax.Array | tuple[jax.Array, _aux.CrossEntropyAux]:
+  r"""Softmax cross-entropy of ``hidden @ weight + bias``, never storing the logits.
 
   .. math::
     \ell_n = (1-\varepsilon)\,w_{y_n}\,(\mathrm{lse}_n - z_{n,y_n})
@@ -63,7 +65,13 @@ def linear_cross_entropy(
   Values and gradients (w.r.t. ``hidden``, ``weight``, ``bias``, and the
   options) are those of ``jaxce.sparse_cross_entropy(hidden @ weight + bias,
   labels, **options)`` with ``where`` applied per example; the ``[..., V]``
-  logits are never stored. With ``reduction="mean"`` or ``"sum"`` the gradients
+  logits are never stored. Probability targets ``labels [..., V]`` follow
+  :func:`jaxce.dense_cross_entropy` instead (the first term becomes
+  :math:`(1-\varepsilon)\sum_c w_c\,t_{n,c}\,(\mathrm{lse}_n - z_{n,c})`,
+  ``"mean"`` divides by the number of kept examples, as PyTorch does); the
+  targets are read one block at a time, so memory beyond their own
+  ``[..., V]`` array is unchanged, and gradients reach them too (one more
+  pass over the logits when they are differentiated). With ``reduction="mean"`` or ``"sum"`` the gradients
   are formed in the forward pass while each block of logits is live, so loss
   plus gradients cost three matmuls (the naive version's count); temporary
   memory is one block of ``[token_chunk_size, V]`` logits plus a
@@ -97,7 +105,9 @@ def linear_cross_entropy(
   Args:
     hidden: features ``[..., D]``.
     weight: projection ``[D, V]``.
-    labels: integer class indices ``[...]`` (``hidden.shape[:-1]``).
+    labels: integer class indices ``[...]`` (``hidden.shape[:-1]``), or
+      floating probability targets ``[..., V]`` (``hidden.shape[:-1] + (V,)``;
+      not checked to be distributions; ``ignore_index`` does not apply).
     bias: optional ``[V]``.
     class_weights: optional per-class weights ``[V]`` (PyTorch ``weight``).
     ignore_index: optional label value whose examples are skipped.
@@ -111,6 +121,10 @@ def linear_cross_entropy(
       the softmax (Gemma 2's soft-capping), inside each block (no extra pass
       over the vocabulary, no extra matmul); gradients reach ``hidden``,
       ``weight``, ``bias`` and ``s``. A ``-inf`` bias becomes ``-s``.
+    return_aux: also return a :class:`jaxce.CrossEntropyAux` of per-example
+      ``lse`` (differentiable), ``predicted`` and ``correct``, from the same
+      passes (no extra matmul unless the lse is differentiated under a scalar
+      reduction, which adds the recompute path's backward).
     chunk_size: vocabulary columns per tile (need not divide V). Default on
       CPU 1024; on GPU/TPU 8192, and the whole vocabulary for the fused
       path's weight-gradient product.
@@ -128,7 +142,8 @@ def linear_cross_entropy(
     vocab_axis: mesh axis name(s) that split the vocabulary (with ``mesh``).
 
   Returns:
-    float32 losses of ``labels.shape`` for ``reduction="none"``, else a scalar.
+    float32 losses of ``hidden.shape[:-1]`` for ``reduction="none"``, else a
+    scalar; with ``return_aux``, ``(loss, aux)``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -140,6 +155,19 @@ def linear_cross_entropy(
     Array([0.1698..., 0.6803..., 2.8715...], dtype=float32)
     >>> jaxce.linear_cross_entropy(hidden, weight, labels, reduction="mean")
     Array(1.2406..., dtype=float32)
+
+    Token accuracy beside the loss, with no logits stored:
+
+    >>> loss, aux = jaxce.linear_cross_entropy(hidden, weight, labels, reduction="mean",
+    ...                                        return_aux=True)
+    >>> aux.predicted, aux.correct.mean()
+    (Array([0, 1, 0], dtype=int32), Array(0.6666..., dtype=float32))
+
+    Probability targets (PyTorch's class probabilities):
+
+    >>> targets = jnp.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]])
+    >>> jaxce.linear_cross_entropy(hidden, weight, targets)
+    Array([0.1698..., 0.9302..., 2.8715...], dtype=float32)
 
     Vocabulary-parallel over every device:
 
@@ -178,13 +206,32 @@ def linear_cross_entropy(
     _common.check_floating(bias, "bias", fn)
     _common.check_shape(bias, (num_classes,), "bias", "(V,) =", fn)
   class_weights = _common.class_weights(class_weights, num_classes, fn)
-  labels, concrete = _labels.int_labels(labels, fn)
-  _common.check_shape(labels, hidden.shape[:-1], "labels", "hidden.shape[:-1]", fn)
-  mask = _common.mask_array(where, labels.shape, "labels", fn)
+  aux = _aux.check_return_aux(return_aux, fn)
+  dense = _is_probability_target(labels)
+  batch = hidden.shape[:-1]
+  if dense:
+    labels = _common.as_array(labels, "labels", fn)
+    if tuple(labels.shape) != (*batch, num_classes):
+      raise ValueError(f"{fn}: labels of dtype {labels.dtype} are probability targets and must "
+                       f"have shape hidden.shape[:-1] + (V,) = {(*batch, num_classes)}; got "
+                       f"{tuple(labels.shape)}. Class indices must be integers.")
+    if ignore_index is not None:
+      raise ValueError(f"{fn}: ignore_index applies to class-index labels only; got "
+                       f"probability targets of shape {tuple(labels.shape)} with ignore_index="
+                       f"{ignore_index}. Mask examples with where= instead.")
+    concrete = None
+  else:
+    dtype = _dtype_of(labels)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+      raise TypeError(f"{fn}: labels must be integer class indices [...] or floating "
+                      f"probability targets [..., V]; got dtype {dtype}.")
+    labels, concrete = _labels.int_labels(labels, fn)
+    _common.check_shape(labels, batch, "labels", "hidden.shape[:-1]", fn)
+  mask = _common.mask_array(where, batch, "labels", fn)
   if concrete is not None and (mask is None or _common.is_concrete(mask)):
     kept = concrete if mask is None else np.where(np.asarray(mask), concrete, 0)
     _labels.check_labels(kept, num_classes, ignore_index, None, fn)
-  num_rows = math.prod(labels.shape)
+  num_rows = math.prod(batch)
   layout = sharded.make_layout(mesh, token_axes, vocab_axis, num_rows, num_classes, fn,
                                (hidden, weight, bias, class_weights, labels, mask))
   if mesh is None:  # arrays of Explicit shardings run vocabulary-parallel as they are split
@@ -197,9 +244,27 @@ def linear_cross_entropy(
       layout=layout,
       accumulate=_accumulation_option(grad_accumulation_dtype, fn),
       platform=platform(mesh),
+      aux=aux,
   )
   cap = _common.softcap_option(softcap, fn)
   return _linear(config, hidden, weight, bias, class_weights, labels, mask, smoothing, z, cap)
+
+
+def _dtype_of(labels: Any):
+  """The labels' dtype, or None if they are not array-like."""
+  dtype = getattr(labels, "dtype", None)
+  if dtype is None:
+    try:
+      dtype = np.asarray(labels).dtype
+    except (TypeError, ValueError):
+      return None
+  return dtype
+
+
+def _is_probability_target(labels: Any) -> bool:
+  """Floating labels are probability targets (integer ones are class indices)."""
+  dtype = _dtype_of(labels)
+  return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
 
 def platform(mesh) -> str:
@@ -272,6 +337,7 @@ class Config(NamedTuple):
   layout: sharded.Layout
   accumulate: str | None = None  # dtype name of the weight/bias gradient accumulators
   platform: str = "cpu"  # picks the default block sizes
+  aux: bool = False  # also per-row lse and argmax (return_aux)
 
   @property
   def tile_cols(self) -> int:
@@ -328,41 +394,74 @@ class Config(NamedTuple):
 def _linear(config: Config, hidden, weight, bias, class_weights, labels, mask, smoothing, z,
             cap):
   """The numeric core of :func:`linear_cross_entropy`, compiled once per static configuration."""
-  num_classes, batch_shape, layout = weight.shape[1], labels.shape, config.layout
+  num_classes, layout = weight.shape[1], config.layout
+  batch_shape = hidden.shape[:-1]
+  dense = labels.ndim == hidden.ndim
+  flat_labels = labels.reshape(-1, num_classes) if dense else labels.reshape(-1)
   params, labels, mask = sharded.place_inputs(
       layout, blocks.Params(hidden.reshape(-1, hidden.shape[-1]), weight, bias, class_weights,
                             _common.cap_or_nan(cap)),
-      labels.reshape(-1), None if mask is None else mask.reshape(-1))
+      flat_labels, None if mask is None else mask.reshape(-1))
   hidden, weight, bias, class_weights, cap = params
-  lab = _labels.resolve_labels(labels, num_classes, config.ignore_index)
-  keep, bad = lab.keep, lab.bad
-  if mask is not None:
-    keep, bad = keep & mask, bad & mask
-  _labels.debug_check_labels(bad, num_classes, config.ignore_index, False, _FN)
   smoothing, z = _common.option_or_nan(smoothing, 1.0), _common.option_or_nan(z)
   dtype = _common.compute_dtype(jnp.result_type(hidden.dtype, weight.dtype))
-  ones = jnp.ones_like(labels, dtype)
-  w_y = ones
-  if class_weights is not None:
-    w_y = sharded.gather_rows(layout, class_weights.astype(dtype), lab.index)
+  num_rows = labels.shape[0]
+  ones = jnp.ones(num_rows, dtype)
+  if dense:
+    index, probs = None, labels
+    keep = jnp.ones(num_rows, bool) if mask is None else mask
+    bad = jnp.zeros(num_rows, bool)
+    w_y = keep.astype(dtype)  # "mean" counts the kept examples (PyTorch's rule)
+    on_label = ones
+  else:
+    lab = _labels.resolve_labels(labels, num_classes, config.ignore_index)
+    index, probs, keep, bad = lab.index, None, lab.keep, lab.bad
+    if mask is not None:
+      keep, bad = keep & mask, bad & mask
+    _labels.debug_check_labels(bad, num_classes, config.ignore_index, False, _FN)
+    on_label = ones
+    if class_weights is not None:
+      on_label = sharded.gather_rows(layout, class_weights.astype(dtype), lab.index)
+    w_y = on_label
   target = _core.Target(
-      w_y if smoothing is None else (1.0 - smoothing) * w_y,
+      on_label if smoothing is None else (1.0 - smoothing) * on_label,
       None if smoothing is None else smoothing * ones,
       None if z is None else z * ones,
   )
-  num_rows = labels.shape[0]
   if blocks.is_symbolic(num_rows):  # jax.export: padded rows are dead (keep and bad False)
     size = (config.tile_rows if config.reduction == "none"
             else config.fused_rows(num_rows, num_classes, dtype))
-    hidden, index, target = blocks.pad_rows((hidden, lab.index, target), size, 0)
+    hidden, index, probs, target = blocks.pad_rows((hidden, index, probs, target), size, 0)
     keep, bad, w_y = blocks.pad_rows((keep, bad, w_y), size, False)
-  else:
-    index = lab.index
   params = blocks.Params(hidden, weight, bias, class_weights, cap)
-  rows = blocks.Rows(index, keep, bad, target)
+  rows = blocks.Rows(index, keep, bad, target, probs)
   if config.reduction == "none":
-    losses = recompute.row_losses(config, params, rows)
-    return lax.slice_in_dim(losses, 0, num_rows).reshape(batch_shape)
-  total = fused.summed_loss(config, params, rows)
-  denominator = sharded.sum_rows(layout, jnp.where(keep, w_y, 0.0))
-  return _common.reduce_loss(total[None], config.reduction, denominator)
+    out = recompute.row_losses(config, params, rows)
+    losses, lse, predicted = out if config.aux else (out, None, None)
+    loss = lax.slice_in_dim(losses, 0, num_rows).reshape(batch_shape)
+  else:
+    out = fused.summed_loss(config, params, rows)
+    total, lse, predicted = out if config.aux else (out, None, None)
+    denominator = sharded.sum_rows(layout, jnp.where(keep, w_y, 0.0))
+    loss = _common.reduce_loss(total[None], config.reduction, denominator)
+  if not config.aux:
+    return loss
+  live = keep & ~bad
+  if dense:
+    wanted = _first_argmax(layout, probs)
+  else:
+    wanted = index
+  correct = (predicted == wanted) & live
+
+  def per_example(v):
+    return lax.slice_in_dim(v, 0, num_rows).reshape(batch_shape)
+
+  return loss, _aux.CrossEntropyAux(per_example(lse), per_example(predicted),
+                                    per_example(correct))
+
+
+def _first_argmax(layout, probs):
+  """Each row's most probable target class (the lowest on ties)."""
+  if layout.mesh is None:
+    return jnp.argmax(probs, axis=1).astype(jnp.int32)
+  return jnp.argmax(sharded.replicated(layout, probs), axis=1).astype(jnp.int32)

@@ -34,16 +34,19 @@ class Params(NamedTuple):
 
 
 class Rows(NamedTuple):
-  """Per-row inputs of a pass, ``[N]`` each.
+  """Per-row inputs of a pass, ``[N]`` each (``probs``: ``[N, V]``).
 
   ``target`` holds the loss coefficients of every row (they are not masked);
   ``keep``/``bad`` mask the rows once, at the loss and at the row cotangent.
+  With probability targets ``probs`` holds them and ``index`` is None; the
+  label term ``on_label·Σ_c w_c q_c (lse − x_c)`` replaces ``on_label·(lse − x_y)``.
   """
 
-  index: jax.Array
+  index: jax.Array | None
   keep: jax.Array
   bad: jax.Array
   target: _core.Target
+  probs: jax.Array | None = None
 
 
 class Grads(NamedTuple):
@@ -83,50 +86,102 @@ def zero_grads(config, params: Params, dtype, want_class_weights: bool) -> Grads
   )
 
 
+def weighted_probs(probs, class_weights, dtype):
+  """``a_c = w_c·q_c`` of a block of probability targets ``[R, size]`` (``w``: that block's)."""
+  a = probs.astype(dtype)
+  return a if class_weights is None else a * class_weights.astype(dtype)[None, :]
+
+
 # ---------------------------------------------------------------------------
 # Per-row statistics of a block of logits columns, and their online merge.
 # ---------------------------------------------------------------------------
+
+
+class DenseStats(NamedTuple):
+  """Per-row sums of a probability target ``a_c = w_c q_c``: ``mass = Σ a_c``, ``dot = Σ a_c (x_c − shift)``."""
+
+  mass: jax.Array
+  dot: jax.Array
+
+
+class Best(NamedTuple):
+  """Per-row largest logit and its global column (the lowest on ties); ``-inf``, 0 if none."""
+
+  value: jax.Array
+  index: jax.Array
 
 
 class Stats(NamedTuple):
   """Per-row results of a pass over (part of) the vocabulary, ``[R]`` each.
 
   ``label`` is the label's logit ``x_y`` where the label's column was in the
-  pass, else 0 (so passes merge by adding it).
+  pass, else 0 (so passes merge by adding it). ``dense`` replaces it for
+  probability targets; ``best`` is kept only for the auxiliary outputs.
   """
 
   row: _core.RowStats
   label: jax.Array
   smooth: _core.SmoothStats | None
+  dense: DenseStats | None = None
+  best: Best | None = None
 
   @property
   def nll(self) -> jax.Array:
-    """``lse − x_y``, with the shift taken out of both terms (exact for huge logits)."""
+    """``lse − x_y`` (or ``Σ_c a_c (lse − x_c)``), the shift taken out (exact for huge logits)."""
+    if self.dense is not None:
+      return self.dense.mass * self.row.log_total - self.dense.dot
     return self.row.log_total - (self.label - self.row.shift)
 
 
-def empty_stats(rows: int, dtype, smooth: bool) -> Stats:
+def empty_stats(rows: int, dtype, smooth: bool, dense: bool = False, best: bool = False) -> Stats:
   zeros = jnp.zeros(rows, dtype)
   return Stats(_core.empty_stats(rows, dtype), zeros,
-               _core.SmoothStats(zeros, zeros, zeros) if smooth else None)
+               _core.SmoothStats(zeros, zeros, zeros) if smooth else None,
+               DenseStats(zeros, zeros) if dense else None,
+               Best(jnp.full(rows, -jnp.inf, dtype), jnp.zeros(rows, jnp.int32)) if best else None)
 
 
-def block_stats(x, index, start, class_weights, smooth: bool):
-  """``(stats, e)`` of logits columns ``[start, start + size)``: ``x [R, size]``."""
+def block_stats(x, index, start, class_weights, smooth: bool, probs=None, best: bool = False):
+  """``(stats, e)`` of logits columns ``[start, start + size)``: ``x [R, size]``.
+
+  ``index`` holds the rows' labels (None with probability targets ``probs
+  [R, size]``, this block's columns); ``best`` adds the block's argmax.
+  """
   row, e = _core.row_stats(x)
-  local = index - start
-  inside = (local >= 0) & (local < x.shape[1])
-  picked = jnp.take_along_axis(x, jnp.clip(local, 0, x.shape[1] - 1)[:, None], axis=1)[:, 0]
+  label = jnp.zeros(x.shape[0], row.total.dtype)
+  if index is not None:
+    local = index - start
+    inside = (local >= 0) & (local < x.shape[1])
+    picked = jnp.take_along_axis(x, jnp.clip(local, 0, x.shape[1] - 1)[:, None], axis=1)[:, 0]
+    label = jnp.where(inside, picked, 0.0)
   smooth_stats = _core.smooth_stats(x, row.shift, class_weights) if smooth else None
-  return Stats(row, jnp.where(inside, picked, 0.0), smooth_stats), e
+  dense = None
+  if probs is not None:
+    a = weighted_probs(probs, class_weights, row.total.dtype)
+    terms = jnp.where(a == 0, 0.0, a * (x - row.shift[:, None]))  # no 0·(-inf)
+    dense = DenseStats(jnp.sum(a, axis=1), jnp.sum(terms, axis=1))
+  top = None
+  if best:
+    top = Best(jnp.max(x, axis=1).astype(row.total.dtype),
+               (jnp.argmax(x, axis=1) + start).astype(jnp.int32))
+  return Stats(row, label, smooth_stats, dense, top), e
 
 
 def merge(a: Stats, b: Stats) -> Stats:
+  """The statistics of two column blocks; ``a`` holds the lower columns (it wins ties)."""
   row = _core.merge_stats(a.row, b.row)
-  smooth = None
+  smooth = dense = best = None
   if a.smooth is not None:
     smooth = _core.merge_smooth(a.smooth, b.smooth, a.row.shift, b.row.shift, row.shift)
-  return Stats(row, a.label + b.label, smooth)
+  if a.dense is not None:
+    dense = DenseStats(a.dense.mass + b.dense.mass,
+                       a.dense.dot + a.dense.mass * (a.row.shift - row.shift)
+                       + b.dense.dot + b.dense.mass * (b.row.shift - row.shift))
+  if a.best is not None:
+    later = b.best.value > a.best.value
+    best = Best(jnp.where(later, b.best.value, a.best.value),
+                jnp.where(later, b.best.index, a.best.index))
+  return Stats(row, a.label + b.label, smooth, dense, best)
 
 
 def combine(stats: Stats, axis) -> Stats:
@@ -146,6 +201,25 @@ def combine(stats: Stats, axis) -> Stats:
 
 def loss(target: _core.Target, stats: Stats) -> jax.Array:
   return _core.target_loss(target, stats.row, stats.nll, stats.smooth)
+
+
+def grad_scales(target: _core.Target, stats: Stats, g, g_lse=None) -> _core.GradScales:
+  """:func:`_core.grad_scales`, for probability targets too, plus an lse cotangent ``g_lse``.
+
+  With probability targets the softmax factor is ``on_label·Σ_c a_c`` and
+  ``at_label`` multiplies the block's ``a_c`` instead of a one-hot;
+  ``∂lse/∂x = softmax`` adds ``g_lse / total``.
+  """
+  if stats.dense is None:
+    scales = _core.grad_scales(target, stats.row, stats.smooth, g)
+  else:
+    scales = _core.grad_scales(target._replace(on_label=target.on_label * stats.dense.mass),
+                               stats.row, stats.smooth, g)
+    scales = scales._replace(at_label=jnp.where(g == 0, 0.0, g * target.on_label))
+  if g_lse is not None:
+    extra = jnp.where(g_lse == 0, 0.0, _common.safe_divide(g_lse, stats.row.total))
+    scales = scales._replace(probs=scales.probs + extra)
+  return scales
 
 
 def mask_losses(rows: Rows, losses: jax.Array) -> jax.Array:
@@ -174,9 +248,9 @@ def param_cotangents(params: Params, grads: Grads, g) -> Params:
   return Params(*map(cotangent, params, grads))
 
 
-def rows_cotangent(d_target: _core.Target) -> Rows:
-  """The cotangent of :class:`Rows`: only the target coefficients are differentiable."""
-  return Rows(None, None, None, d_target)
+def rows_cotangent(d_target: _core.Target, d_probs=None) -> Rows:
+  """The cotangent of :class:`Rows`: the target coefficients and probability targets."""
+  return Rows(None, None, None, d_target, d_probs)
 
 
 # ---------------------------------------------------------------------------
@@ -232,12 +306,19 @@ def _fresh(size: int, skip) -> jax.Array | None:
   return None if skip is None else jnp.arange(size) >= skip
 
 
-def fresh_columns(x, index, start, skip):
-  """Logits with repeated columns impossible (``-inf``) and labels there dropped."""
+def fresh_columns(x, index, start, skip, probs=None):
+  """Logits with repeated columns impossible (``-inf``), labels and target mass there dropped.
+
+  Returns ``(x, index, probs)``; ``index`` and ``probs`` may be None.
+  """
   fresh = _fresh(x.shape[1], skip)
   if fresh is None:
-    return x, index
-  return jnp.where(fresh[None, :], x, -jnp.inf), jnp.where(index - start >= skip, index, -1)
+    return x, index, probs
+  if index is not None:
+    index = jnp.where(index - start >= skip, index, -1)
+  if probs is not None:
+    probs = jnp.where(fresh[None, :], probs, 0)
+  return jnp.where(fresh[None, :], x, -jnp.inf), index, probs
 
 
 def zero_columns(block, skip):
@@ -297,7 +378,8 @@ def capped(raw, softcap):
   return raw if softcap is None else softcap * jnp.tanh(raw / softcap)
 
 
-def logits_grad(x, e, scales, class_weights, index, start, mm_dtype, *, softcap=None):
+def logits_grad(x, e, scales, class_weights, index, start, mm_dtype, *, softcap=None,
+                probs=None):
   """The logits gradient of a block of columns ``[start, start + size)``, in ``mm_dtype``.
 
   The label term ``−at_label·[c = y]`` is a select fused into the same
@@ -309,11 +391,17 @@ def logits_grad(x, e, scales, class_weights, index, start, mm_dtype, *, softcap=
   from ``x`` alone (no raw logits kept); it then returns ``(gradient, per-row
   cap gradient)``, the latter ``Σ_c dl·(t − u·(1 − t²))`` with ``u = atanh t``
   (0 where ``t = ±1``, its limit; masked-out columns add nothing).
+
+  With probability targets (``probs``, the block's ``[R, size]``) the label
+  term is ``−at_label·w_c q_c``, in the same pass.
   """
   possible = None if scales.per_class is None else x > -jnp.inf
   dl = _core.logits_grad(e, scales, None, possible=possible, weights=class_weights)
-  at_label = lax.broadcasted_iota(jnp.int32, dl.shape, 1) + start == index[:, None]
-  dl = jnp.where(at_label, dl - scales.at_label[:, None], dl)
+  if probs is not None:
+    dl = dl - scales.at_label[:, None] * weighted_probs(probs, class_weights, dl.dtype)
+  else:
+    at_label = lax.broadcasted_iota(jnp.int32, dl.shape, 1) + start == index[:, None]
+    dl = jnp.where(at_label, dl - scales.at_label[:, None], dl)
   if softcap is None:
     return dl.astype(mm_dtype)
   live = x > -jnp.inf  # a masked-out column: dl is 0 there
@@ -356,7 +444,26 @@ def add_weight_tile(grads: Grads, hidden_fresh, dl_mm, start, skip, platform: st
   return grads
 
 
-def class_weights_grad(x, scales: _core.GradScales, lse) -> jax.Array:
-  """``Σ_rows per_class·[possible]·(lse − x)``: the smoothing term's gradient w.r.t. the weights."""
-  terms = scales.per_class[:, None] * (lse[:, None] - x)
-  return jnp.sum(jnp.where(x > -jnp.inf, terms, 0.0), axis=0)
+def neg_log_probs(x, lse):
+  """``lse − x`` of a block, 0 at impossible (``-inf``) columns."""
+  return jnp.where(x > -jnp.inf, lse[:, None] - x, 0.0)
+
+
+def class_weights_grad(x, scales: _core.GradScales, lse, probs=None) -> jax.Array:
+  """The gradient w.r.t. a block's class weights: ``Σ_rows (per_class + at_label·q_c)·(lse − x)``.
+
+  ``per_class`` (smoothing) and ``at_label·q_c`` (probability targets, whose
+  ``a_c = w_c q_c``) are each used when present.
+  """
+  coef = 0.0
+  if scales.per_class is not None:
+    coef = scales.per_class[:, None]
+  if probs is not None:
+    coef = coef + scales.at_label[:, None] * probs.astype(x.dtype)
+  return jnp.sum(jnp.where(x > -jnp.inf, coef * (lse[:, None] - x), 0.0), axis=0)
+
+
+def probs_grad(x, scales: _core.GradScales, lse, class_weights):
+  """``∂/∂q_c`` of a block: ``at_label·w_c·(lse − x_c)`` (0 at impossible columns)."""
+  d = scales.at_label[:, None] * neg_log_probs(x, lse)
+  return d if class_weights is None else d * class_weights.astype(d.dtype)[None, :]

@@ -62,6 +62,16 @@ class Layout(NamedTuple):
                          bias=self.classes, class_weights=self.classes, softcap=P())
 
   @property
+  def probs(self) -> P:
+    """Probability targets ``[N, V]`` (and their gradient): tokens and vocabulary split."""
+    return P(self.tokens or None, self.vocab_axis)
+
+  @property
+  def row_specs(self) -> blocks.Rows:
+    """Specs of :class:`blocks.Rows`."""
+    return blocks.Rows(self.rows, self.rows, self.rows, self.rows, self.probs)
+
+  @property
   def grads(self) -> blocks.Grads:
     """Specs of the gradients: each its parameter's."""
     return blocks.Grads(*self.params)
@@ -155,6 +165,8 @@ def layout_of(hidden, weight, num_rows: int, num_classes: int, fn: str) -> Layou
 def place_inputs(layout: Layout, params: blocks.Params, labels, mask):
   """``(params, labels, mask)`` laid out as the passes read them (flat rows; mask may be None).
 
+  ``labels`` are ``[N]`` class indices or ``[N, V]`` probability targets.
+
   On a mesh of Explicit axes each array is resharded to its spec; on one
   device, small arrays split beside an unsplit ``hidden`` and ``weight`` are
   gathered.
@@ -163,7 +175,8 @@ def place_inputs(layout: Layout, params: blocks.Params, labels, mask):
     return blocks.Params(*params[:2], *map(unsplit, params[2:])), unsplit(labels), unsplit(mask)
   params = blocks.Params(*(place(layout, x, spec) for x, spec in zip(params, layout.params,
                                                                        strict=True)))
-  return params, place(layout, labels, layout.rows), place(layout, mask, layout.rows)
+  labels_spec = layout.probs if labels.ndim == 2 else layout.rows
+  return params, place(layout, labels, labels_spec), place(layout, mask, layout.rows)
 
 
 def sum_rows(layout: Layout, x: jax.Array) -> jax.Array:
