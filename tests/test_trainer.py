@@ -191,9 +191,13 @@ class TestSteps:
     assert a.step == 1 and ma[1] == 8
 
   def test_one_device_step_has_no_collective(self):
-    """On one device a psum would be a copy of every gradient each step (XLA:CPU keeps it)."""
+    """On one device a collective would be a copy of every gradient each step (XLA:CPU keeps it)."""
     lowered = step.train_chunk.lower(_state(), *self.data, *_call(range(16), np.ones(16)))
-    assert "all-reduce" not in lowered.compile().as_text()
+    text = lowered.compile().as_text()
+    assert "all-reduce" not in text and "all-gather" not in text
+
+  def test_a_batch_is_summed_in_up_to_8_equal_groups(self):
+    assert [step.num_groups(b) for b in (64, 8, 24, 100, 12, 7)] == [8, 8, 8, 4, 4, 1]
 
   def test_eval_counts_and_accuracy_in_percent(self):
     state = _state()
@@ -235,6 +239,10 @@ class TestConfig:
       ({"batch_size": 63}, 4, r"config.batch_size=63 is not divisible by the 4 devices; use a "
        r"multiple of 4"),
       ({"batch_size": 0}, 1, r"config.batch_size must be positive, got 0"),
+      ({}, 16, r"training runs on 1, 2, 4 or 8 devices, not 16 \(every step adds the gradients "
+       r"of 8 fixed groups of the batch"),
+      ({"batch_size": 66}, 3, r"training runs on 1, 2, 4 or 8 devices, not 3 .*; make fewer "
+       r"devices visible"),
       ({"num_epochs": -1}, 1, r"config.num_epochs must be >= 0, got -1"),
       ({"learning_rate": 0.0}, 1, r"config.learning_rate must be finite and > 0, got 0.0"),
       ({"learning_rate": float("inf")}, 1, r"config.learning_rate must be finite and > 0, got inf"),
