@@ -237,6 +237,62 @@ DOCS_DRIVER = textwrap.dedent("""
 """)
 
 
+# Probability targets and the auxiliary outputs on a mesh: Explicit axes under set_mesh with
+# placed inputs, and Auto axes; values, gradients (hidden, weight, bias, targets) and aux.
+PROBS_AUX_DRIVER = textwrap.dedent(r"""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import jaxce
+
+    assert jax.device_count() == 8, jax.devices()
+    n, d, v = 64, 8, 32
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.5, jnp.float32)
+    b = jnp.asarray(rng.normal(size=(v,)), jnp.float32)
+    q = jnp.asarray(rng.dirichlet(np.ones(v), size=n), jnp.float32)
+    y = jnp.asarray(rng.integers(0, v, size=(n,)), jnp.int32)
+    c = jnp.linspace(-1.0, 1.0, n)
+
+    def objective(reduction, labels, **sharding):
+      def f(h, w, b, t):
+        loss, aux = jaxce.linear_cross_entropy(h, w, t if labels == "probs" else y, bias=b,
+                                               reduction=reduction, label_smoothing=0.1,
+                                               return_aux=True, chunk_size=4, token_chunk_size=8,
+                                               **sharding)
+        value = loss if loss.ndim == 0 else jnp.sum(jnp.sin(loss))
+        return value + jnp.sum(c * aux.lse), aux
+      return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+
+    def err(got, ref):
+      return max(float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(r, jnp.float32)))
+                       / (1e-6 + jnp.max(jnp.abs(jnp.asarray(r, jnp.float32)))))
+                 for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True))
+
+    out = {}
+    specs = (P("data", None), P(None, "model"), P("model"), P("data", "model"))
+    meshes = {"explicit": jax.make_mesh((2, 4), ("data", "model")),
+              "auto": Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))}
+    for kind, mesh in meshes.items():
+      for reduction in ("mean", "none"):
+        for labels in ("probs", "indices"):
+          want = objective(reduction, labels)(h, w, b, q)
+          sharding = dict(mesh=mesh, token_axes="data", vocab_axis="model")
+          with jax.set_mesh(mesh):
+            args = tuple(jax.device_put(a, NamedSharding(mesh, s))
+                         for a, s in zip((h, w, b, q), specs))
+            got = objective(reduction, labels, **sharding)(*args)
+          key = f"{kind}-{reduction}-{labels}"
+          out[key] = dict(err=err(got, want),
+                          predicted_equal=bool(jnp.all(got[0][1].predicted == want[0][1].predicted)),
+                          correct=int(jnp.sum(got[0][1].correct)),
+                          grad_specs=[str(g.sharding.spec) for g in got[1]],
+                          lse_spec=str(got[0][1].lse.sharding.spec))
+    print(json.dumps(out))
+""")
+
+
 class ShardedTest(parameterized.TestCase):
   """Vocabulary-parallel ``shard_map`` path; multi-device cases run in one subprocess each."""
 
@@ -298,6 +354,18 @@ class ShardedTest(parameterized.TestCase):
       with self.subTest(refused=name):
         self.assertRegex(message, rf"ValueError: .*: {name} has sharding P\(.*'model'.*\) on mesh "
                                   r"axes .*feature dimension D must not be split")
+
+  def test_probability_targets_and_aux_match_one_device(self):
+    results = run_on_devices(PROBS_AUX_DRIVER)
+    self.assertLen(results, 8)
+    for case, r in results.items():
+      with self.subTest(case=case):
+        self.assertLess(r["err"], 1e-5)
+        self.assertTrue(r["predicted_equal"])
+        if case.startswith("explicit"):  # each gradient has its input's sharding
+          self.assertEqual(r["grad_specs"], [str(P("data", None)), str(P(None, "model")),
+                                             str(P("model")), str(P("data", "model"))])
+          self.assertEqual(r["lse_spec"], str(P("data")))
 
   def test_docs_examples_on_eight_devices(self):
     result = run_on_devices(DOCS_DRIVER)

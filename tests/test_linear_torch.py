@@ -86,3 +86,56 @@ def test_values_and_gradients_match_pytorch(use_weights, ignore, smoothing, use_
   np.testing.assert_allclose(grads[1], tw.grad.numpy().T, rtol=2e-5, atol=2e-6)
   if use_bias:
     np.testing.assert_allclose(grads[2], tb.grad.numpy(), rtol=2e-5, atol=2e-6)
+
+
+PROBABILITY_COMBINATIONS = list(itertools.product(
+    (False, True),  # class weights
+    (0.0, 0.15),  # label smoothing
+    (False, True),  # bias
+    ("none", "mean", "sum"),
+))
+
+
+@pytest.mark.parametrize(("use_weights", "smoothing", "use_bias", "reduction"),
+                         PROBABILITY_COMBINATIONS, ids=lambda v: str(v))
+@needs_torch
+def test_probability_targets_match_pytorch(use_weights, smoothing, use_bias, reduction):
+  """Class-probability targets ``[N, V]``: values and gradients w.r.t. input, weight, bias and
+  the targets themselves."""
+  if not has_linear_cross_entropy():
+    pytest.skip("this torch has no F.linear_cross_entropy")
+  hidden, weight, bias, class_weights, _ = inputs()
+  rng = np.random.default_rng(5)
+  targets = rng.dirichlet(np.ones(V) * 0.5, size=N)
+  cotangent = rng.uniform(0.5, 1.5, size=(N,))
+
+  th = torch.tensor(hidden, requires_grad=True)
+  tw = torch.tensor(weight.T.copy(), requires_grad=True)  # [V, D]
+  tb = torch.tensor(bias, requires_grad=True) if use_bias else None
+  tq = torch.tensor(targets, requires_grad=True)
+  torch_loss = F.linear_cross_entropy(
+      th, tw, tq, linear_bias=tb, weight=torch.tensor(class_weights) if use_weights else None,
+      reduction=reduction, label_smoothing=smoothing)
+  scale = torch.tensor(cotangent) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+  (torch_loss * scale).sum().backward()
+
+  def loss(h, w, b, q):
+    return jaxce.linear_cross_entropy(
+        h, w, q, bias=b, class_weights=jnp.asarray(class_weights, jnp.float32)
+        if use_weights else None, label_smoothing=smoothing, reduction=reduction)
+
+  def objective(h, w, b, q):
+    value = loss(h, w, b, q)
+    return jnp.sum(value * (jnp.asarray(cotangent, jnp.float32) if reduction == "none" else 1.0))
+
+  args = (jnp.asarray(hidden, jnp.float32), jnp.asarray(weight, jnp.float32),
+          jnp.asarray(bias, jnp.float32) if use_bias else None, jnp.asarray(targets, jnp.float32))
+  value = jax.jit(loss)(*args)
+  grads = jax.jit(jax.grad(objective, argnums=(0, 1, 2, 3)))(*args)
+
+  np.testing.assert_allclose(value, torch_loss.detach().numpy(), rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(grads[0], th.grad.numpy(), rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(grads[1], tw.grad.numpy().T, rtol=2e-5, atol=2e-6)
+  if use_bias:
+    np.testing.assert_allclose(grads[2], tb.grad.numpy(), rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(grads[3], tq.grad.numpy(), rtol=2e-5, atol=2e-6)
