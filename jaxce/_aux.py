@@ -18,11 +18,12 @@ class CrossEntropyAux(NamedTuple):
 
   Attributes:
     lse: float32 (float64 for float64 inputs) ``log Σ_c exp(logits_c)`` of each
-      example that counts in the loss, 0 for the others (ignored, ``where=False``,
-      or a bad label under ``jit``). Differentiable: its gradient w.r.t. the
-      logits is the softmax (z-loss monitoring, distillation).
+      example that counts in the loss, 0 for the others (ignored, every class
+      ``where=False``, or a bad label under ``jit``). Differentiable: its gradient
+      w.r.t. the logits is the softmax (z-loss monitoring, distillation).
     predicted: int32 index of each example's largest logit, the lowest index on
-      ties (``jnp.argmax``'s rule), for every example.
+      ties (``jnp.argmax``'s rule), for every example (0 where every class is
+      masked).
     correct: bool, ``predicted == label`` (for probability labels: the label's
       own ``argmax``, lowest index on ties) for each example that counts;
       ``False`` for the others. ``mean(correct[kept])`` is the token accuracy.
@@ -31,6 +32,11 @@ class CrossEntropyAux(NamedTuple):
   lse: jax.Array
   predicted: jax.Array
   correct: jax.Array
+
+
+# A function returning the aux outputs can be serialized by jax.export.
+jax.export.register_namedtuple_serialization(CrossEntropyAux,
+                                             serialized_name="jaxce.CrossEntropyAux")
 
 
 def check_return_aux(value: Any, fn: str) -> bool:

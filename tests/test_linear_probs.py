@@ -147,3 +147,28 @@ def test_targets_cost_no_matmul_unless_differentiated(reduction):
 
   assert dots(q, (0, 1)) == dots(labels, (0, 1)) > 0
   assert dots(q, (0, 1)) <= dots(q, (0, 1, 2)) <= dots(q, (0, 1)) + 1
+
+
+@pytest.mark.parametrize("symbolic", [False, True])
+def test_export_round_trip_with_aux(symbolic):
+  """``jax.export`` of loss, aux and gradients (targets included) for any number of tokens."""
+  hidden, weight, bias, _ = make_inputs()
+  q = targets()
+
+  @jax.jit
+  def step(h, w, t):
+    def f(h, w, t):
+      return jaxce.linear_cross_entropy(h, w, t, bias=bias, reduction="mean", return_aux=True,
+                                        label_smoothing=0.1, token_chunk_size=4, chunk_size=8)
+    return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(h, w, t)
+
+  n = jax.export.symbolic_shape("b")[0] if symbolic else N
+  shapes = (jax.ShapeDtypeStruct((n, D), hidden.dtype), weight,
+            jax.ShapeDtypeStruct((n, V), q.dtype))
+  try:
+    exported = jax.export.deserialize(jax.export.export(step)(*shapes).serialize())
+  except ImportError as e:  # serialization needs flatbuffers
+    pytest.skip(str(e))
+  for rows in ((1, 5, N) if symbolic else (N,)):
+    args = (hidden[:rows], weight, q[:rows])
+    chex.assert_trees_all_close(exported.call(*args), step(*args), rtol=1e-6, atol=1e-7)

@@ -367,17 +367,18 @@ class Config(NamedTuple):
     """Vocabulary columns per weight-gradient tile of the fused path."""
     return self.cols or default_blocks(self.platform).fused_cols or num_classes
 
-  def fused_rows(self, num_rows: int, num_classes: int, dtype) -> int:
+  def fused_rows(self, num_rows: int, num_classes: int, dtype, targets: bool = False) -> int:
     """Tokens per block of full logits rows in the fused path.
 
-    By default the fewest blocks whose float32 logits fit the platform's
-    budget, split evenly (rounded up to a multiple of 8), so that no block
-    mostly repeats its predecessor's rows.
+    By default the fewest blocks whose float32 logits (and, with probability
+    ``targets``, the block's targets) fit the platform's budget, split evenly
+    (rounded up to a multiple of 8), so that no block mostly repeats its
+    predecessor's rows.
     """
     if self.rows:
       return self.rows
     most = max(8, default_blocks(self.platform).row_bytes
-               // (num_classes * jnp.dtype(dtype).itemsize))
+               // (num_classes * jnp.dtype(dtype).itemsize * (2 if targets else 1)))
     if blocks.is_symbolic(num_rows):  # jax.export: from V alone, rows padded to a multiple
       return most
     count = -(-num_rows // most)
@@ -430,7 +431,7 @@ def _linear(config: Config, hidden, weight, bias, class_weights, labels, mask, s
   )
   if blocks.is_symbolic(num_rows):  # jax.export: padded rows are dead (keep and bad False)
     size = (config.tile_rows if config.reduction == "none"
-            else config.fused_rows(num_rows, num_classes, dtype))
+            else config.fused_rows(num_rows, num_classes, dtype, dense))
     hidden, index, probs, target = blocks.pad_rows((hidden, index, probs, target), size, 0)
     keep, bad, w_y = blocks.pad_rows((keep, bad, w_y), size, False)
   params = blocks.Params(hidden, weight, bias, class_weights, cap)

@@ -344,6 +344,13 @@ def put_rows(tree, part, start):
                       tree, part)
 
 
+def tile(array, row, rows, col, cols):
+  """``array[row:row + rows, col:col + cols]`` (None stays None): one slice, no row-block copy."""
+  if array is None:
+    return None
+  return lax.dynamic_slice(array, (row, col), (rows, cols))
+
+
 def cols(array, start, size):
   """Columns ``[start, start + size)`` of ``array``'s last axis (None stays None)."""
   if array is None or size == array.shape[-1]:

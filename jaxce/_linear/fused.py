@@ -40,7 +40,7 @@ def _fused_pass(config, params: Params, rows: Rows, layout: Layout):
   smooth = rows.target.smooth is not None
   dense = rows.probs is not None
   want_class_weights = params.class_weights is not None and (smooth or dense)
-  block_rows = config.fused_rows(num_rows, num_classes, dtype)
+  block_rows = config.fused_rows(num_rows, num_classes, dtype, dense)
   g = blocks.row_cotangent(rows, jnp.ones(num_rows, dtype))
   mm_dtype = blocks.matmul_dtype(params)
 

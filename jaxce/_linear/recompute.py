@@ -34,12 +34,12 @@ def _stats_pass(config, params: Params, index, probs, smooth: bool, layout: Layo
   def token_block(out, start, size, _):  # a repeated row is recomputed identically
     h = blocks.slice_rows(params.hidden, start, size)
     idx = None if dense else blocks.slice_rows(index, start, size) - offset
-    q = blocks.slice_rows(probs, start, size) if dense else None
 
     def tile(acc, c0, cols, skip):
       x = blocks.capped(blocks.logits(h, params.weight, params.bias, c0, cols, dtype),
                         params.softcap)
-      x, idx_c, q_c = blocks.fresh_columns(x, idx, c0, skip, blocks.cols(q, c0, cols))
+      x, idx_c, q_c = blocks.fresh_columns(x, idx, c0, skip,
+                                           blocks.tile(probs, start, size, c0, cols))
       stats = blocks.block_stats(x, idx_c, c0, blocks.cols(params.class_weights, c0, cols),
                                  smooth, q_c, config.aux)[0]
       return blocks.merge(acc, stats)
@@ -75,14 +75,14 @@ def _grad_pass(config, params: Params, rows: Rows, stats: Stats, g, g_lse, layou
   def token_block(grads, start, size, row_skip):
     h, st, sc = blocks.slice_rows((params.hidden, stats, scales), start, size)
     idx = None if dense else blocks.slice_rows(rows.index, start, size) - offset
-    q = blocks.slice_rows(rows.probs, start, size) if dense else None
     h_fresh, sc_fresh = blocks.fresh_rows((h, sc), row_skip)  # repeated rows add nothing
 
     def tile(carry, c0, cols, col_skip):
       grads, d_h = carry
       x = blocks.capped(blocks.logits(h, params.weight, params.bias, c0, cols, dtype),
                         params.softcap)
-      x, idx_c, q_c = blocks.fresh_columns(x, idx, c0, col_skip, blocks.cols(q, c0, cols))
+      x, idx_c, q_c = blocks.fresh_columns(x, idx, c0, col_skip,
+                                           blocks.tile(rows.probs, start, size, c0, cols))
       e = _core.row_stats(x, st.row.shift)[1]
       if want_class_weights:
         grads = grads._replace(class_weights=blocks.add_cols(
@@ -122,7 +122,7 @@ def _probs_grad_pass(config, params: Params, rows: Rows, stats: Stats, g, layout
     d = blocks.probs_grad(x, sc, lse, params.class_weights)
     return blocks.put_rows(out, d, start)
 
-  rows_per_block = config.fused_rows(num_rows, num_classes, dtype)
+  rows_per_block = config.fused_rows(num_rows, num_classes, dtype, True)
   return blocks.over(jnp.zeros(rows.probs.shape, rows.probs.dtype), num_rows, rows_per_block,
                      token_block)
 
