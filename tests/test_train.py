@@ -109,6 +109,17 @@ class TestRuns:
       assert abs(a["test_accuracy_percent"] - b["test_accuracy_percent"]) <= 100 / NUM_TEST
 
 
+def test_other_device_counts_train_one_group_per_device(mnist_dir, cli_runs, tmp_path):
+  """3 devices (a count that does not divide 8 groups) train too, close to one device."""
+  workdir = str(tmp_path / "three")
+  proc = run_cli(workdir, 3, *cli_flags(mnist_dir), "--config.batch_size=66")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  one = str(tmp_path / "one")
+  assert run_cli(one, 1, *cli_flags(mnist_dir), "--config.batch_size=66").returncode == 0
+  chex.assert_trees_all_close(checkpoint_params(workdir, 2), checkpoint_params(one, 2),
+                              atol=1e-5, rtol=0)
+
+
 MULTIHOST_DRIVER = textwrap.dedent("""
     import sys, numpy as np, jax
     import train, trainer

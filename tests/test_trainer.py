@@ -198,6 +198,13 @@ class TestSteps:
 
   def test_a_batch_is_summed_in_up_to_8_equal_groups(self):
     assert [step.num_groups(b) for b in (64, 8, 24, 100, 12, 7)] == [8, 8, 8, 4, 4, 1]
+    # The same groups on 1, 2, 4 and 8 devices; one group per device on other counts.
+    assert [step.num_groups(64, d) for d in (1, 2, 4, 8, 16, 3)] == [8, 8, 8, 8, 16, 3]
+
+  def test_pairwise_sum_of_any_count_is_the_sum(self):
+    x = np.arange(1.0, 8.0)[:, None] * np.ones((7, 3))
+    for n in range(1, 8):
+      np.testing.assert_array_equal(step._pairwise_sum(jnp.asarray(x[:n])), x[:n].sum(0))
 
   def test_eval_counts_and_accuracy_in_percent(self):
     state = _state()
@@ -239,10 +246,6 @@ class TestConfig:
       ({"batch_size": 63}, 4, r"config.batch_size=63 is not divisible by the 4 devices; use a "
        r"multiple of 4"),
       ({"batch_size": 0}, 1, r"config.batch_size must be positive, got 0"),
-      ({}, 16, r"training runs on 1, 2, 4 or 8 devices, not 16 \(every step adds the gradients "
-       r"of 8 fixed groups of the batch"),
-      ({"batch_size": 66}, 3, r"training runs on 1, 2, 4 or 8 devices, not 3 .*; make fewer "
-       r"devices visible"),
       ({"num_epochs": -1}, 1, r"config.num_epochs must be >= 0, got -1"),
       ({"learning_rate": 0.0}, 1, r"config.learning_rate must be finite and > 0, got 0.0"),
       ({"learning_rate": float("inf")}, 1, r"config.learning_rate must be finite and > 0, got inf"),

@@ -51,10 +51,6 @@ def validate_config(config, num_devices: int) -> None:
   sizes = tuple(config.hidden_sizes)
   checks = [
       (config.batch_size > 0, f"config.batch_size must be positive, got {config.batch_size}"),
-      (step.GROUPS % num_devices == 0,
-       f"training runs on 1, 2, 4 or 8 devices, not {num_devices} (every step adds the gradients "
-       f"of {step.GROUPS} fixed groups of the batch, the same way on each of these counts); make "
-       "fewer devices visible (e.g. with CUDA_VISIBLE_DEVICES)"),
       (config.batch_size % num_devices == 0,
        f"config.batch_size={config.batch_size} is not divisible by the {num_devices} devices; "
        f"use a multiple of {num_devices}"),

@@ -6,7 +6,7 @@ groups of the global batch's rows, each group's computed alone with the same sha
 fixed pairwise order and divided by the real examples in the global batch. Why groups: a matmul's
 rounding depends on how many rows it has, so a gradient of each device's rows would differ in the
 last bits between device counts, and training amplifies that; with fixed groups a step gives the
-same bits on 1, 2, 4 or 8 devices. Masked padding rows change nothing and the padded last batch
+same bits on 1, 2, 4 or 8 devices (other counts sum one group per device). Masked padding rows change nothing and the padded last batch
 gives the exact mean over the examples it holds.
 """
 
@@ -25,13 +25,18 @@ from trainer.data import AXIS
 from trainer.data import normalize
 
 # A global batch's gradient is the sum of the gradients of this many equal groups of its rows (or
-# of the largest power of two dividing the batch size, if smaller); the device count divides it.
+# of the largest power of two dividing the batch size, if smaller).
 GROUPS = 8
 
 
-def num_groups(batch_size: int) -> int:
-  """How many equal groups of rows a global batch of ``batch_size`` is split into."""
-  return math.gcd(batch_size, GROUPS)
+def num_groups(batch_size: int, devices: int = 1) -> int:
+  """How many equal groups of rows a global batch of ``batch_size`` is split into.
+
+  ``gcd(batch_size, 8)`` whenever ``devices`` divides it, so that 1, 2, 4 and 8 devices sum the
+  same groups; otherwise (3, 16, ... devices) one group per device.
+  """
+  groups = math.gcd(batch_size, GROUPS)
+  return groups if groups % devices == 0 else devices
 
 
 def _psum(tree):
@@ -43,13 +48,16 @@ def _psum(tree):
 
 
 def _pairwise_sum(x):
-  """``x``'s sum over its leading axis (a power of two) as a balanced tree of explicit adds.
+  """``x``'s sum over its leading axis as a tree of explicit adds (neighbours, level by level).
 
   Not ``jnp.sum``: XLA chooses a reduction's order itself, and it may differ between programs.
+  For a power-of-two count, a device's pairwise sum of its contiguous groups is a subtree of the
+  sum over all groups.
   """
   parts = [x[i] for i in range(x.shape[0])]
   while len(parts) > 1:
-    parts = [a + b for a, b in zip(parts[::2], parts[1::2], strict=True)]
+    pairs = [a + b for a, b in zip(parts[::2], parts[1::2])]
+    parts = pairs + parts[len(pairs) * 2:]
   return parts[0]
 
 
@@ -70,11 +78,7 @@ def train_step(state: train_state.TrainState, images: jax.Array, labels: jax.Arr
   Rows with ``valid=False`` are padding. Returns the new state and the global batch's loss sum.
   """
   devices = lax.axis_size(AXIS)
-  batch = idx.shape[0] * devices
-  if num_groups(batch) % devices:
-    raise ValueError(f"{devices} devices cannot share the {num_groups(batch)} groups of a batch "
-                     f"of {batch} rows")
-  groups = num_groups(batch) // devices  # This device's.
+  groups = num_groups(idx.shape[0] * devices, devices) // devices  # This device's.
 
   def group_grad(rows):
     i, v = rows
