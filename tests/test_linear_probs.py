@@ -100,12 +100,11 @@ def test_one_hot_targets_equal_class_indices():
   hidden, weight, bias, labels = make_inputs()
   onehot = jax.nn.one_hot(labels, V)
   for reduction in ("none", "mean"):
-    chex.assert_trees_all_close(
-        jax.value_and_grad(lambda h, t: scalar(jaxce.linear_cross_entropy(
-            h, weight, t, bias=bias, label_smoothing=0.1, reduction=reduction)))(hidden, onehot),
-        jax.value_and_grad(lambda h, t: scalar(jaxce.linear_cross_entropy(
-            h, weight, t, bias=bias, label_smoothing=0.1, reduction=reduction)))(hidden, labels),
-        rtol=1e-5, atol=1e-6)
+    def loss(h, t, reduction=reduction):
+      return scalar(jaxce.linear_cross_entropy(h, weight, t, bias=bias, label_smoothing=0.1,
+                                               reduction=reduction))
+    chex.assert_trees_all_close(jax.value_and_grad(loss)(hidden, onehot),
+                                jax.value_and_grad(loss)(hidden, labels), rtol=1e-5, atol=1e-6)
 
 
 def test_impossible_classes_take_no_smoothing_mass():

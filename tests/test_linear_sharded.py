@@ -285,7 +285,8 @@ PROBS_AUX_DRIVER = textwrap.dedent(r"""
             got = objective(reduction, labels, **sharding)(*args)
           key = f"{kind}-{reduction}-{labels}"
           out[key] = dict(err=err(got, want),
-                          predicted_equal=bool(jnp.all(got[0][1].predicted == want[0][1].predicted)),
+                          predicted_equal=bool(jnp.all(got[0][1].predicted
+                                                       == want[0][1].predicted)),
                           correct=int(jnp.sum(got[0][1].correct)),
                           grad_specs=[str(g.sharding.spec) for g in got[1]],
                           lse_spec=str(got[0][1].lse.sharding.spec))

@@ -6,8 +6,8 @@ groups of the global batch's rows, each group's computed alone with the same sha
 fixed pairwise order and divided by the real examples in the global batch. Why groups: a matmul's
 rounding depends on how many rows it has, so a gradient of each device's rows would differ in the
 last bits between device counts, and training amplifies that; with fixed groups a step gives the
-same bits on 1, 2, 4 or 8 devices (other counts sum one group per device). Masked padding rows change nothing and the padded last batch
-gives the exact mean over the examples it holds.
+same bits on 1, 2, 4 or 8 devices (other counts sum one group per device). Masked padding rows
+change nothing and the padded last batch gives the exact mean over the examples it holds.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _pairwise_sum(x):
   """
   parts = [x[i] for i in range(x.shape[0])]
   while len(parts) > 1:
-    pairs = [a + b for a, b in zip(parts[::2], parts[1::2])]
+    pairs = [a + b for a, b in zip(parts[::2], parts[1::2], strict=False)]
     parts = pairs + parts[len(pairs) * 2:]
   return parts[0]
 

@@ -69,11 +69,14 @@ def linear_cross_entropy(
   :func:`jaxce.dense_cross_entropy` instead (the first term becomes
   :math:`(1-\varepsilon)\sum_c w_c\,t_{n,c}\,(\mathrm{lse}_n - z_{n,c})`,
   ``"mean"`` divides by the number of kept examples, as PyTorch does); the
-  targets are read one block at a time, so memory beyond their own
-  ``[..., V]`` array is unchanged, and gradients reach them too (one more
-  pass over the logits when they are differentiated). With ``reduction="mean"`` or ``"sum"`` the gradients
-  are formed in the forward pass while each block of logits is live, so loss
-  plus gradients cost three matmuls (the naive version's count); temporary
+  targets are read one block at a time (counted in the default block's
+  memory budget), so memory beyond their own ``[..., V]`` array does not
+  grow, and gradients reach them too (one more pass over the logits when
+  they are differentiated).
+
+  With ``reduction="mean"`` or ``"sum"`` the gradients are formed in the
+  forward pass while each block of logits is live, so loss plus gradients
+  cost three matmuls (the naive version's count); temporary
   memory is one block of ``[token_chunk_size, V]`` logits plus a
   ``[D, chunk_size]`` weight-gradient tile. With ``reduction="none"`` the
   backward recomputes ``[token_chunk_size, chunk_size]`` tiles (four matmuls).

@@ -98,7 +98,10 @@ def weighted_probs(probs, class_weights, dtype):
 
 
 class DenseStats(NamedTuple):
-  """Per-row sums of a probability target ``a_c = w_c q_c``: ``mass = Σ a_c``, ``dot = Σ a_c (x_c − shift)``."""
+  """Per-row sums of a probability target ``a_c = w_c q_c``.
+
+  ``mass = Σ a_c`` and ``dot = Σ a_c (x_c − shift)`` (0 where ``a_c = 0``).
+  """
 
   mass: jax.Array
   dot: jax.Array

@@ -17,7 +17,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxce import _core
 from jaxce._linear import blocks
 from jaxce._linear import recompute
 from jaxce._linear import sharded
