@@ -12,7 +12,8 @@ Each function is named after the maths it computes, not after its caller:
   ``Σ_c q_c (lse − x_c) + z·lse²``;
 * :class:`GradScales` / :func:`grad_scales` / :func:`logits_grad` -- the
   gradient of that loss with respect to any block of logits columns,
-  ``g·((Q + 2 z lse)·softmax − q)``.
+  ``g·((Q + 2 z lse)·softmax − q)``, plus :func:`lse_grad_scale` for a
+  cotangent on ``lse`` itself (``return_aux``).
 """
 
 from __future__ import annotations
@@ -276,6 +277,16 @@ def grad_scales(target: Target, stats: RowStats, smooth: SmoothStats | None,
   scales = GradScales(_common.safe_divide(g * coef, stats.total), per_class, g * target.on_label)
   unused = g == 0
   return GradScales(*(None if f is None else jnp.where(unused, 0.0, f) for f in scales))
+
+
+def lse_grad_scale(g_lse: jax.Array, stats: RowStats, live: jax.Array | None = None) -> jax.Array:
+  """The factor of ``exp(x − shift)`` in ``g_lse·∂lse/∂x = g_lse·softmax``: ``g_lse / total``.
+
+  It adds to :attr:`GradScales.probs`. Exactly 0 where ``g_lse`` is 0, where a row
+  has no mass, and outside ``live`` (rows whose reported ``lse`` is a constant).
+  """
+  scale = jnp.where(g_lse == 0, 0.0, _common.safe_divide(g_lse, stats.total))
+  return scale if live is None else jnp.where(live, scale, 0.0)
 
 
 def logits_grad(

@@ -31,6 +31,11 @@ Both choices (the label pivot and the kept ``exp``) are read per platform from
 Probability labels (``dense_rows``) save the row statistics and the backward
 recomputes ``exp`` from the logits.
 
+With the static ``with_lse`` (``return_aux=True``) both kernels also return each
+row's ``lse`` from their own statistics (the pivoted ``shift + log total`` is the
+lse), and their backward adds its cotangent to the softmax's row factor
+(``∂lse/∂x = softmax``). Without it they trace exactly as before.
+
 Cotangents get their primals' types (:func:`jaxce._sharding.like`): the same
 explicit sharding and, inside ``shard_map``, the same varying manual axes.
 """
@@ -140,8 +145,8 @@ class _SparseResiduals(NamedTuple):
 
 
 def sparse_rows(x, mask, labels, live, target: Target, class_weights, *,
-                kernel: SparseKernel = _platform.SPARSE_KERNELS["cpu"]):
-  """Per-row loss ``Σ_c q_c (lse − x_c) + z·lse²`` for integer labels.
+                kernel: SparseKernel = _platform.SPARSE_KERNELS["cpu"], with_lse: bool = False):
+  """Per-row loss ``Σ_c q_c (lse − x_c) + z·lse²`` for integer labels (and ``lse``).
 
   Args:
     x: logits ``[..., C]``.
@@ -152,9 +157,11 @@ def sparse_rows(x, mask, labels, live, target: Target, class_weights, *,
     target: per-row coefficients ``[...]`` (None fields: absent terms).
     class_weights: ``(C,)`` or None (enters the smoothing term).
     kernel: the kernel's design (:mod:`jaxce._platform`); every choice gives the same values.
+    with_lse: static; also return each live row's ``lse`` (0 for the other rows),
+      differentiable, from the kernel's own statistics.
 
   Returns:
-    ``[...]`` losses in the compute dtype.
+    ``[...]`` losses in the compute dtype; with ``with_lse``, ``(losses, lse)``.
   """
   # One row axis: XLA then writes exp(x − p), the scaled gradient and the label
   # scatter in one buffer (a reshape between them would force a copy).
@@ -167,18 +174,21 @@ def sparse_rows(x, mask, labels, live, target: Target, class_weights, *,
     v = jnp.transpose(v, order + tuple(range(len(rows), v.ndim)))
     return v.reshape((math.prod(rows), *v.shape[len(rows):]))
 
+  def unflat(v):
+    return jnp.transpose(v.reshape(rows), np.argsort(order))
+
   target = Target(*map(flat, target))
-  loss = _sparse_rows(flat(x), flat(mask), flat(labels), flat(live), target, class_weights,
-                      kernel).reshape(rows)
-  return jnp.transpose(loss, np.argsort(order))
+  out = _sparse_rows(flat(x), flat(mask), flat(labels), flat(live), target, class_weights,
+                     kernel, with_lse)
+  return tuple(map(unflat, out)) if with_lse else unflat(out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _sparse_rows(x, mask, labels, live, target, class_weights, kernel):
-  return _sparse_fwd(x, mask, labels, live, target, class_weights, kernel)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _sparse_rows(x, mask, labels, live, target, class_weights, kernel, with_lse):
+  return _sparse_fwd(x, mask, labels, live, target, class_weights, kernel, with_lse)[0]
 
 
-def _sparse_fwd(x, mask, labels, live, target, class_weights, kernel):
+def _sparse_fwd(x, mask, labels, live, target, class_weights, kernel, with_lse):
   dtype = _common.compute_dtype(x.dtype)
   xin = _core.masked(x, mask)
   # 32/64-bit logits: keep exp(x − p) for the backward (under jit it is written
@@ -207,10 +217,13 @@ def _sparse_fwd(x, mask, labels, live, target, class_weights, kernel):
       target, class_weights, nll, smooth, smooth_value,
       (_sharding.type_of(x), Target(*map(_sharding.type_of, target)),
        _sharding.type_of(class_weights)))
+  if with_lse:  # the pivoted shift + log total is the lse of a live row (−inf: no mass)
+    return (loss, jnp.where(live, stats.lse, 0.0)), residuals
   return loss, residuals
 
 
-def _sparse_bwd(kernel, res: _SparseResiduals, g):
+def _sparse_bwd(kernel, with_lse, res: _SparseResiduals, g):
+  g, g_lse = g if with_lse else (g, None)
   dtype = res.stats.total.dtype
   xm = None if res.x is None else _core.masked(res.x, res.mask).astype(dtype)
   e = res.e
@@ -219,6 +232,8 @@ def _sparse_bwd(kernel, res: _SparseResiduals, g):
   # The backward divides by the forward's own total (1 on the fast path's dead rows).
   stats = RowStats(res.stats.shift, jnp.where(res.live, res.stats.total, 1.0))
   scales = _core.grad_scales(res.target, stats, res.smooth, g)
+  if g_lse is not None:  # d lse / dx = softmax = e / total
+    scales = scales._replace(probs=scales.probs + _core.lse_grad_scale(g_lse, stats, res.live))
   w = None if res.class_weights is None else res.class_weights.astype(dtype)
   possible = None if xm is None else xm > -jnp.inf
   gx = _core.logits_grad(e, scales, res.labels, possible=possible, weights=w)
@@ -258,8 +273,8 @@ class _DenseResiduals(NamedTuple):
   types: tuple  # the primals' (x, q, z) types, for the cotangents
 
 
-@jax.custom_vjp
-def dense_rows(x, mask, q, z):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def dense_rows(x, mask, q, z, with_lse=False):
   """Per-row loss ``Σ_c q_c·(lse − x_c) + z·lse²``; ``q_c = 0`` terms are 0 even at ``x_c = -inf``.
 
   Args:
@@ -267,14 +282,16 @@ def dense_rows(x, mask, q, z):
     mask: boolean ``[..., C]`` or None (``q`` must already be 0 where masked).
     q: float target weights ``[..., C]`` (smoothing and class weights applied).
     z: ``[...]`` z-loss coefficient, or None.
+    with_lse: static; also return each row's differentiable ``lse`` from the
+      kernel's row statistics (``-inf`` for a row with no mass).
 
   Returns:
-    ``[...]`` losses in the compute dtype.
+    ``[...]`` losses in the compute dtype; with ``with_lse``, ``(losses, lse)``.
   """
-  return _dense_fwd(x, mask, q, z)[0]
+  return _dense_fwd(x, mask, q, z, with_lse)[0]
 
 
-def _dense_fwd(x, mask, q, z):
+def _dense_fwd(x, mask, q, z, with_lse):
   xm = _core.masked(x, mask)
   stats, _ = _core.row_stats(xm)
   q = q.astype(stats.total.dtype)
@@ -284,14 +301,18 @@ def _dense_fwd(x, mask, q, z):
   if z is not None:
     loss = loss + z * stats.lse**2
   types = tuple(map(_sharding.type_of, (x, q, z)))
-  return loss, _DenseResiduals(x, mask, q, z, stats, q_sum, types)
+  residuals = _DenseResiduals(x, mask, q, z, stats, q_sum, types)
+  return ((loss, stats.lse) if with_lse else loss), residuals
 
 
-def _dense_bwd(res: _DenseResiduals, g):
+def _dense_bwd(with_lse, res: _DenseResiduals, g):
+  g, g_lse = g if with_lse else (g, None)
   xm = _core.masked(res.x, res.mask).astype(res.q.dtype)
   rows = g.shape
   target = Target(res.q_sum, None, res.z)
   scales = _core.grad_scales(target, res.stats, None, g)
+  if g_lse is not None:  # d lse / dx = softmax = e / total
+    scales = scales._replace(probs=scales.probs + _core.lse_grad_scale(g_lse, res.stats))
   e = _core.row_stats(xm, res.stats.shift)[1]
   order = _sharding.split_axes_first(g)
   perm = order + (len(rows),)
