@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jaxce import _aux
 from jaxce import _common
 from jaxce import _core
 from jaxce import _kernels
@@ -43,6 +44,11 @@ def _classes_last(x, axis):
   return None if x is None else jnp.moveaxis(x, axis, -1)
 
 
+def _predicted(x, mask):
+  """int32 argmax of the masked logits ``[..., C]`` (the lowest index on ties)."""
+  return _core.row_argmax(_core.masked(x, mask))
+
+
 def sparse_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -55,7 +61,8 @@ def sparse_cross_entropy(
     reduction: str = "none",
     z_loss: float = 0.0,
     softcap: float | None = None,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, _aux.CrossEntropyAux]:
   r"""Softmax cross-entropy with integer class labels.
 
   .. math::
@@ -110,16 +117,30 @@ def sparse_cross_entropy(
       before the softmax (Gemma 2's logit soft-capping); gradients reach the
       logits and ``s``. A ``-inf`` logit becomes ``-s`` (mask classes with
       ``where``).
+    return_aux: if True, also return a :class:`jaxce.CrossEntropyAux` of
+      per-example ``lse`` (differentiable), ``predicted`` and ``correct``.
 
   Returns:
     Per-example losses of ``logits.shape`` without ``axis`` for ``"none"``,
-    otherwise a scalar.
+    otherwise a scalar. With ``return_aux=True``, ``(loss, aux)``: the same loss
+    and per-example :class:`jaxce.CrossEntropyAux` fields of ``labels.shape``.
 
   Examples:
     >>> import jaxce
     >>> logits = jnp.array([[-0.5, -0.2, -0.3]])
     >>> jaxce.sparse_cross_entropy(logits, jnp.array([0]), reduction="mean")
     Array(1.2729..., dtype=float32)
+
+    Token accuracy beside the loss, ignored tokens left out:
+
+    >>> logits = jnp.array([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [1.0, 0.0, 4.0]])
+    >>> labels = jnp.array([0, 2, -100])
+    >>> loss, aux = jaxce.sparse_cross_entropy(logits, labels, ignore_index=-100,
+    ...                                        reduction="mean", return_aux=True)
+    >>> aux.predicted, aux.correct
+    (Array([0, 1, 2], dtype=int32), Array([ True, False, False], dtype=bool))
+    >>> aux.correct.sum() / (labels != -100).sum()
+    Array(0.5, dtype=float32)
 
   References:
     ``torch.nn.functional.cross_entropy`` (class indices);
@@ -134,15 +155,18 @@ def sparse_cross_entropy(
   w = _common.class_weights(class_weights, x.shape[axis], fn)
   labels = _int_labels(labels, x, axis, ignore_index, mask, fn)
   cap = _common.softcap_option(softcap, fn)
+  return_aux = _aux.check_return_aux(return_aux, fn)
   return _sparse(x, labels, mask, w, smoothing, z, cap, axis=axis, ignore_index=ignore_index,
-                 reduction=reduction, kernel=_platform.sparse_kernel())
+                 reduction=reduction, kernel=_platform.sparse_kernel(), return_aux=return_aux)
 
 
 _SPARSE = "jaxce.sparse_cross_entropy"
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "reduction", "kernel"))
-def _sparse(x, labels, mask, w, smoothing, z, cap, *, axis, ignore_index, reduction, kernel):
+@functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "reduction", "kernel",
+                                             "return_aux"))
+def _sparse(x, labels, mask, w, smoothing, z, cap, *, axis, ignore_index, reduction, kernel,
+            return_aux=False):
   """The numeric core of :func:`sparse_cross_entropy`, compiled once per static configuration."""
   x, mask = _classes_last(x, axis), _classes_last(mask, axis)
   if cap is not None:
@@ -160,9 +184,16 @@ def _sparse(x, labels, mask, w, smoothing, z, cap, *, axis, ignore_index, reduct
       None if smoothing is None else smoothing * keep,
       None if z is None else z * keep,
   )
-  loss = _kernels.sparse_rows(x, mask, lab.index, lab.live, target, w, kernel=kernel)
-  loss = _labels.nan_where(lab.bad, loss)  # a bad label's loss and gradient are NaN
-  return _common.reduce_loss(loss, reduction, w_y)
+  if not return_aux:
+    loss = _kernels.sparse_rows(x, mask, lab.index, lab.live, target, w, kernel=kernel)
+    loss = _labels.nan_where(lab.bad, loss)  # a bad label's loss and gradient are NaN
+    return _common.reduce_loss(loss, reduction, w_y)
+  loss, lse = _kernels.sparse_rows(x, mask, lab.index, lab.live, target, w, kernel=kernel,
+                                   with_lse=True)
+  loss = _labels.nan_where(lab.bad, loss)
+  predicted = _predicted(x, mask)
+  aux = _aux.CrossEntropyAux(lse, predicted, (predicted == lab.index) & lab.live)
+  return _common.reduce_loss(loss, reduction, w_y), aux
 
 
 def dense_cross_entropy(
@@ -176,7 +207,8 @@ def dense_cross_entropy(
     reduction: str = "none",
     z_loss: float = 0.0,
     softcap: float | None = None,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, _aux.CrossEntropyAux]:
   r"""Softmax cross-entropy with probability (soft) labels.
 
   .. math::
@@ -210,10 +242,15 @@ def dense_cross_entropy(
       to each example.
     softcap: None, or :math:`s > 0`: the logits become ``s·tanh(logits / s)``
       before the softmax, as in :func:`sparse_cross_entropy`.
+    return_aux: if True, also return a :class:`jaxce.CrossEntropyAux` of
+      per-example ``lse`` (differentiable), ``predicted`` and ``correct``
+      (``predicted`` equals the labels' own argmax).
 
   Returns:
     Per-example losses of ``logits.shape`` without ``axis`` for ``"none"``,
-    otherwise a scalar.
+    otherwise a scalar. With ``return_aux=True``, ``(loss, aux)``: the same loss
+    and per-example :class:`jaxce.CrossEntropyAux` fields of ``logits.shape``
+    without ``axis``.
 
   Examples:
     >>> import jaxce
@@ -240,11 +277,13 @@ def dense_cross_entropy(
   _common.check_shape(labels, x.shape, "labels", "logits", fn)
   w = _common.class_weights(class_weights, x.shape[axis], fn)
   cap = _common.softcap_option(softcap, fn)
-  return _dense(x, labels, mask, w, smoothing, z, cap, axis=axis, reduction=reduction)
+  return_aux = _aux.check_return_aux(return_aux, fn)
+  return _dense(x, labels, mask, w, smoothing, z, cap, axis=axis, reduction=reduction,
+                return_aux=return_aux)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "reduction"))
-def _dense(x, labels, mask, w, smoothing, z, cap, *, axis, reduction):
+@functools.partial(jax.jit, static_argnames=("axis", "reduction", "return_aux"))
+def _dense(x, labels, mask, w, smoothing, z, cap, *, axis, reduction, return_aux=False):
   """The numeric core of :func:`dense_cross_entropy`, compiled once per static configuration."""
   x, mask = _classes_last(x, axis), _classes_last(mask, axis)
   if cap is not None:
@@ -262,9 +301,18 @@ def _dense(x, labels, mask, w, smoothing, z, cap, *, axis, reduction):
   active = jnp.ones(x.shape[:-1], bool) if mask is None else jnp.any(mask, axis=-1)
   if mask is not None:
     target = jnp.where(mask, target, 0.0)
-  loss = _kernels.dense_rows(x, mask, target, None if z is None else z * active.astype(dtype))
+  z_row = None if z is None else z * active.astype(dtype)
+  if not return_aux:
+    loss = _kernels.dense_rows(x, mask, target, z_row)
+    loss = jnp.where(active, loss, 0.0)
+    return _common.reduce_loss(loss, reduction, None if mask is None else active)
+  loss, lse = _kernels.dense_rows(x, mask, target, z_row, True)
   loss = jnp.where(active, loss, 0.0)
-  return _common.reduce_loss(loss, reduction, None if mask is None else active)
+  predicted = _predicted(x, mask)
+  wanted = _predicted(_classes_last(labels, axis), mask)
+  aux = _aux.CrossEntropyAux(jnp.where(active, lse, 0.0), predicted,
+                             (predicted == wanted) & active)
+  return _common.reduce_loss(loss, reduction, None if mask is None else active), aux
 
 
 def nll_loss(

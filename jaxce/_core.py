@@ -76,6 +76,21 @@ def at_label(x: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(hit, x, 0), axis=-1)
 
 
+def row_argmax(x: jax.Array) -> jax.Array:
+  """int32 index of each row's largest ``x [..., C]``, the lowest on ties (``jnp.argmax``'s rule).
+
+  With the classes split over Explicit mesh axes it is the row max, then the
+  lowest index that reaches it (two reductions XLA all-reduces; the variadic
+  reduce of ``jnp.argmax`` would gather every device's partial results).
+  """
+  if not _sharding.explicit_axes(x)[-1]:
+    return jnp.argmax(x, axis=-1).astype(jnp.int32)
+  top = jnp.max(x, axis=-1, keepdims=True)
+  classes = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  hit = (x == top) | jnp.isnan(x)  # a NaN is the max, as for jnp.argmax
+  return jnp.min(jnp.where(hit, classes, x.shape[-1]), axis=-1)
+
+
 def per_class(values: jax.Array, index: jax.Array) -> jax.Array:
   """``values[index]``: a per-class ``(C,)`` array read at each row's label, laid out as ``index``.
 

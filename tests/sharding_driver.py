@@ -75,7 +75,17 @@ def losses(axis: int):
     fns[f"dense_cross_entropy/{reduction}"] = (
         lambda x, y, q, t, r=reduction: scalar(jaxce.dense_cross_entropy(
             x, q, axis=axis, reduction=r, label_smoothing=0.1, z_loss=1e-3)))
+  # return_aux=True: the loss, the differentiable lse and the argmax-based counts.
+  fns["sparse_cross_entropy+aux/sum"] = lambda x, y, q, t: with_aux(jaxce.sparse_cross_entropy(
+      x, y, axis=axis, reduction="sum", return_aux=True, **SPARSE_OPTIONS))
+  fns["dense_cross_entropy+aux/sum"] = lambda x, y, q, t: with_aux(jaxce.dense_cross_entropy(
+      x, q, axis=axis, reduction="sum", z_loss=1e-3, return_aux=True))
   return fns
+
+
+def with_aux(out):
+  loss, aux = out
+  return loss + scalar(aux.lse) + jnp.sum(aux.correct) + jnp.sum(aux.predicted % 7)
 
 
 def vmapped_losses(axis: int):
