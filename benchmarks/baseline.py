@@ -31,7 +31,8 @@ def import_jaxce(rev):
   name = "jaxce_" + re.sub(r"\W", "_", rev)
   package = root / name
   (root / "jaxce").rename(package)
-  for path in package.rglob("*.py"):  # its absolute imports name the renamed package
-    path.write_text(re.sub(r"\bjaxce\b(?=[._ ])", name, path.read_text()))
+  for path in package.rglob("*.py"):  # its absolute imports, and its JAX config option names
+    text = re.sub(r"\bjaxce\b(?=[._ ])", name, path.read_text())
+    path.write_text(text.replace('"jaxce_', f'"{name}_'))
   sys.path.insert(0, str(root))
   return importlib.import_module(name)

@@ -45,8 +45,8 @@ def _fused_pass(config, params: Params, rows: Rows, layout: Layout):
 
   def token_block(carry, start, size, row_skip):
     out, grads = carry
-    h, target, g_rows = blocks.slice_rows((params.hidden, rows.target, g), start, size)
-    idx = None if dense else blocks.slice_rows(rows.index, start, size) - offset
+    index = None if dense else rows.index - offset
+    h, idx, target, g_rows = blocks.slice_rows((params.hidden, index, rows.target, g), start, size)
     q = blocks.slice_rows(rows.probs, start, size) if dense else None
     h_fresh = blocks.fresh_rows(h, row_skip)
     x = blocks.capped(blocks.logits(h, params.weight, params.bias, 0, num_classes, dtype),

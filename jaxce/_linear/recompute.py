@@ -32,8 +32,7 @@ def _stats_pass(config, params: Params, index, probs, smooth: bool, layout: Layo
   dense = probs is not None
 
   def token_block(out, start, size, _):  # a repeated row is recomputed identically
-    h = blocks.slice_rows(params.hidden, start, size)
-    idx = None if dense else blocks.slice_rows(index, start, size) - offset
+    h, idx = blocks.slice_rows((params.hidden, None if dense else index - offset), start, size)
 
     def tile(acc, c0, cols, skip):
       x = blocks.capped(blocks.logits(h, params.weight, params.bias, c0, cols, dtype),
@@ -73,8 +72,8 @@ def _grad_pass(config, params: Params, rows: Rows, stats: Stats, g, g_lse, layou
   mm_dtype = blocks.matmul_dtype(params)
 
   def token_block(grads, start, size, row_skip):
-    h, st, sc = blocks.slice_rows((params.hidden, stats, scales), start, size)
-    idx = None if dense else blocks.slice_rows(rows.index, start, size) - offset
+    index = None if dense else rows.index - offset
+    h, idx, st, sc = blocks.slice_rows((params.hidden, index, stats, scales), start, size)
     h_fresh, sc_fresh = blocks.fresh_rows((h, sc), row_skip)  # repeated rows add nothing
 
     def tile(carry, c0, cols, col_skip):
