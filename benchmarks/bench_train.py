@@ -6,7 +6,8 @@ r"""Benchmark: train.py's speed against a minimal JAX step and against the PyTor
 Two measurements, both on the IDX files in ``--data_dir``:
 
 1. **Steady-state step, in this process.** One epoch of train.py's training loop (its compiled,
-   pmapped ``lax.scan`` calls over data on the device, fed by its host loop) against one epoch of
+   pmapped ``lax.scan`` calls over data on the device, fed by its host loop; with the default
+   ``grad_groups=8`` and with ``grad_groups=0``) against one epoch of
    a minimal reference: the same Flax MLP and ``optax.sgd(0.01, momentum=0.5)``, the optax loss
    ``softmax_cross_entropy_with_integer_labels(...).mean()``, one device, ``jax.jit`` of a
    ``lax.scan`` over the epoch's batches (full batches of 64; the data normalised on the device
@@ -49,7 +50,7 @@ flags.DEFINE_integer("step_rounds", 7, "Timed epochs of train.py's loop and of t
 flags.DEFINE_list("parts", ["step", "run"], "Which measurements: step, run.")
 flags.DEFINE_enum("worker", None, ["torch"], "Internal: run the PyTorch tutorial and print JSON.")
 
-BATCH, LEARNING_RATE, MOMENTUM = 64, 0.01, 0.5
+BATCH, LEARNING_RATE, MOMENTUM, GRAD_GROUPS = 64, 0.01, 0.5, 8
 FEATURES = (512, 256, 128, 64)
 
 
@@ -102,7 +103,7 @@ def step_contenders(data) -> dict:
   init = jax.device_get(model_lib.create_train_state(0, features=FEATURES,
                                                      learning_rate=LEARNING_RATE,
                                                      momentum=MOMENTUM))
-  ours = {"state": data_lib.replicate(init), "data": data_lib.put_on_devices(data.train)}
+  train_data = data_lib.put_on_devices(data.train)
   ref = {"state": (init.params, init.opt_state), "steps": n // BATCH,
          "images": jnp.asarray(data_lib.normalize(data.train.images)),
          "labels": jnp.asarray(data.train.labels)}
@@ -112,10 +113,15 @@ def step_contenders(data) -> dict:
     idx, valid = data_lib.epoch_batches(n, BATCH, seed=0, epoch=epoch)
     return data_lib.shard_calls(idx, valid, topo, data_lib.chunk_length(len(idx), 100))
 
-  def run_ours(calls):
-    ours["state"], _, _ = loop.train_epoch(ours["state"], ours["data"], calls,
-                                           tqdm.tqdm(disable=True))
-    return sum(c.steps for c in calls)
+  def ours(grad_groups):
+    state = {"state": data_lib.replicate(init)}
+
+    def run(calls):
+      state["state"], _, _ = loop.train_epoch(state["state"], train_data, calls,
+                                              tqdm.tqdm(disable=True), grad_groups)
+      return sum(c.steps for c in calls)
+
+    return prepare_ours, run
 
   def prepare_ref(epoch):
     idx, _ = data_lib.epoch_batches(n, BATCH, seed=0, epoch=epoch)
@@ -126,7 +132,8 @@ def step_contenders(data) -> dict:
     ref["state"] = jax.block_until_ready((params, opt_state, loss))[:2]
     return ref["steps"]
 
-  return {"train.py": (prepare_ours, run_ours), "reference": (prepare_ref, run_ref)}
+  return {"train.py": ours(GRAD_GROUPS), "train.py grad_groups=0": ours(0),
+          "reference": (prepare_ref, run_ref)}
 
 
 def measure_step(data, rounds: int) -> dict:
@@ -137,19 +144,24 @@ def measure_step(data, rounds: int) -> dict:
   contenders = step_contenders(data)
   times = {name: [] for name in contenders}
   for r in range(rounds + 1):
-    for name in list(contenders)[::1 if r % 2 else -1]:
+    names = list(contenders)
+    for name in names[r % len(names):] + names[:r % len(names)]:  # rotating order
       prepare, run = contenders[name]
       inputs = prepare(r + 1)
       start = time.perf_counter()
       steps = run(inputs)
       if r:
         times[name].append((time.perf_counter() - start) / steps)
-  ours, ref = times["train.py"], times["reference"]
+  ours, fast, ref = times["train.py"], times["train.py grad_groups=0"], times["reference"]
   return {"devices": jax.device_count(), "steps_per_epoch": -(-len(data.train) // BATCH),
           "train_py_ms": spread([1e3 * t for t in ours]),
+          "train_py_grad_groups_0_ms": spread([1e3 * t for t in fast]),
           "reference_ms": spread([1e3 * t for t in ref]),
           "ratio_of_mins": min(ours) / min(ref),
-          "ratio_median": statistics.median(a / b for a, b in zip(ours, ref, strict=True))}
+          "ratio_median": statistics.median(a / b for a, b in zip(ours, ref, strict=True)),
+          "grad_groups_0_ratio_of_mins": min(fast) / min(ref),
+          "grad_groups_0_ratio_median": statistics.median(
+              a / b for a, b in zip(fast, ref, strict=True))}
 
 
 # ----------------------------------------------------------------------- 2. whole runs
@@ -292,6 +304,10 @@ def main(argv):
           f"/ {step['train_py_ms']['median']:.3f} median, reference "
           f"{step['reference_ms']['min']:.3f} / {step['reference_ms']['median']:.3f}; ratio "
           f"{step['ratio_of_mins']:.3f} (mins), {step['ratio_median']:.3f} (median of rounds)")
+    print(f"  train.py with grad_groups=0: {step['train_py_grad_groups_0_ms']['min']:.3f} ms min / "
+          f"{step['train_py_grad_groups_0_ms']['median']:.3f} median; ratio "
+          f"{step['grad_groups_0_ratio_of_mins']:.3f} (mins), "
+          f"{step['grad_groups_0_ratio_median']:.3f} (median of rounds)")
     result["step"] = step
   if "run" in FLAGS.parts:
     runs = measure_runs(FLAGS.data_dir, FLAGS.epochs, FLAGS.repeats)

@@ -47,6 +47,7 @@ def test_smoke_run_prints_every_measurement(mnist_dir):
   step, run = result["step"], result["run"]
   assert step["ratio_of_mins"] > 0 and step["ratio_median"] > 0
   assert step["train_py_ms"]["min"] > 0 and step["reference_ms"]["min"] > 0
+  assert step["train_py_grad_groups_0_ms"]["min"] > 0 and step["grad_groups_0_ratio_of_mins"] > 0
   assert run["jax_wall"]["min"] > 0 and run["torch_wall"]["min"] > 0
   assert 0 <= run["torch"][0]["test_accuracy_percent"] <= 100
   assert "steady-state step" in proc.stdout and "whole run" in proc.stdout

@@ -120,6 +120,15 @@ def test_other_device_counts_train_one_group_per_device(mnist_dir, cli_runs, tmp
                               atol=1e-5, rtol=0)
 
 
+def test_grad_groups_0_sums_each_devices_rows_at_once(mnist_dir, cli_runs, tmp_path):
+  """grad_groups=0 (a psum of each device's gradient): the same maths as the grouped default."""
+  workdir = str(tmp_path / "psum")
+  proc = run_cli(workdir, 2, *cli_flags(mnist_dir), "--config.grad_groups=0")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  chex.assert_trees_all_close(checkpoint_params(workdir, 2), checkpoint_params(cli_runs[1][0], 2),
+                              atol=1e-5, rtol=0)
+
+
 MULTIHOST_DRIVER = textwrap.dedent("""
     import sys, numpy as np, jax
     import train, trainer

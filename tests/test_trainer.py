@@ -161,15 +161,19 @@ class TestSteps:
     self.labels = rng.integers(0, 10, size=40).astype(np.int32)
     self.data = data_lib.put_on_devices(input_pipeline.Split(self.images, self.labels))
 
-  def run_chunk(self, call):
-    state, metrics = step.train_chunk(_state(), *self.data, *call)
+  def run_chunk(self, call, grad_groups=step.GROUPS):
+    state, metrics = step.train_chunk(_state(), *self.data, *call, grad_groups)
     return loop.host_state(state), np.asarray(metrics[0])
 
-  def test_one_step_is_sgd_on_the_mean_loss_of_the_real_rows(self):
-    """4 real rows and 4 masked padding rows: the step of the mean loss over the 4 rows."""
+  @pytest.mark.parametrize("grad_groups", [8, 2, 0])
+  def test_one_step_is_sgd_on_the_mean_loss_of_the_real_rows(self, grad_groups):
+    """4 real rows and 4 masked padding rows: the step of the mean loss over the 4 rows, however
+    the batch's gradient is grouped."""
     real, valid = np.arange(4), np.arange(8) < 4
-    a, ma = self.run_chunk(_call([*real, 30, 31, 32, 33, *range(8)], [*valid, *valid], 1))
-    b, mb = self.run_chunk(_call([*real, 5, 6, 7, 8, *range(8)], [*valid, *valid], 1))
+    a, ma = self.run_chunk(_call([*real, 30, 31, 32, 33, *range(8)], [*valid, *valid], 1),
+                           grad_groups)
+    b, mb = self.run_chunk(_call([*real, 5, 6, 7, 8, *range(8)], [*valid, *valid], 1),
+                           grad_groups)
     chex.assert_trees_all_equal(arrays(a), arrays(b))  # What padding points to is irrelevant.
     init = jax.device_get(model_lib.create_train_state(0, features=(16, 8), learning_rate=0.1,
                                                        momentum=0.5))
@@ -190,9 +194,11 @@ class TestSteps:
     np.testing.assert_array_equal(ma, mb)
     assert a.step == 1 and ma[1] == 8
 
-  def test_one_device_step_has_no_collective(self):
+  @pytest.mark.parametrize("grad_groups", [8, 0])
+  def test_one_device_step_has_no_collective(self, grad_groups):
     """On one device a collective would be a copy of every gradient each step (XLA:CPU keeps it)."""
-    lowered = step.train_chunk.lower(_state(), *self.data, *_call(range(16), np.ones(16)))
+    lowered = step.train_chunk.lower(_state(), *self.data, *_call(range(16), np.ones(16)),
+                                     grad_groups)
     text = lowered.compile().as_text()
     assert "all-reduce" not in text and "all-gather" not in text
 
@@ -200,6 +206,8 @@ class TestSteps:
     assert [step.num_groups(b) for b in (64, 8, 24, 100, 12, 7)] == [8, 8, 8, 4, 4, 1]
     # The same groups on 1, 2, 4 and 8 devices; one group per device on other counts.
     assert [step.num_groups(64, d) for d in (1, 2, 4, 8, 16, 3)] == [8, 8, 8, 8, 16, 3]
+    assert [step.num_groups(64, d, 0) for d in (1, 2, 4)] == [1, 2, 4]  # grad_groups=0
+    assert [step.num_groups(64, d, 4) for d in (1, 2, 4, 8)] == [4, 4, 4, 8]
 
   def test_pairwise_sum_of_any_count_is_the_sum(self):
     x = np.arange(1.0, 8.0)[:, None] * np.ones((7, 3))
@@ -246,6 +254,8 @@ class TestConfig:
       ({"batch_size": 63}, 4, r"config.batch_size=63 is not divisible by the 4 devices; use a "
        r"multiple of 4"),
       ({"batch_size": 0}, 1, r"config.batch_size must be positive, got 0"),
+      ({"grad_groups": -1}, 1, r"config.grad_groups must be an int >= 0 \(0: one group per "
+       r"device\), got -1"),
       ({"num_epochs": -1}, 1, r"config.num_epochs must be >= 0, got -1"),
       ({"learning_rate": 0.0}, 1, r"config.learning_rate must be finite and > 0, got 0.0"),
       ({"learning_rate": float("inf")}, 1, r"config.learning_rate must be finite and > 0, got inf"),

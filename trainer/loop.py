@@ -34,7 +34,7 @@ from trainer.metrics import Metrics
 
 # Config fields that change what a run computes: a rerun in the same workdir must keep them.
 RESULT_FIELDS = ("hidden_sizes", "learning_rate", "momentum", "batch_size", "seed",
-                 "num_train_examples", "num_test_examples")
+                 "num_train_examples", "num_test_examples", "grad_groups")
 # Fields a rerun may change: where the data is read from, how long to train, how work is cut up.
 FREE_FIELDS = ("data_dir", "tfds_data_dir", "num_epochs", "max_steps_per_call", "eval_batch_size")
 # The copy of metrics.jsonl that each checkpoint keeps (a resume restores lost records from it).
@@ -62,6 +62,9 @@ def validate_config(config, num_devices: int) -> None:
       (0 <= config.seed < 2**32, f"config.seed must be in [0, 2**32), got {config.seed}"),
       (len(sizes) > 0 and min(sizes) > 0,
        f"config.hidden_sizes must be positive widths, got {sizes}"),
+      (isinstance(config.grad_groups, int) and config.grad_groups >= 0,
+       f"config.grad_groups must be an int >= 0 (0: one group per device), got "
+       f"{config.grad_groups!r}"),
       (config.max_steps_per_call > 0,
        f"config.max_steps_per_call must be > 0, got {config.max_steps_per_call}"),
       (config.eval_batch_size > 0,
@@ -91,7 +94,7 @@ def run_identity(config, data: input_pipeline.Dataset) -> dict[str, Any]:
 
 
 def train_epoch(state, data: data_lib.DeviceData, calls: list[data_lib.Call],
-                progress) -> tuple[Any, float, float]:
+                progress, grad_groups: int = step.GROUPS) -> tuple[Any, float, float]:
   """Runs one epoch's calls; returns the state, the mean training loss and the seconds taken.
 
   Two calls are in flight: the next one is queued before the previous one's metrics are read, so
@@ -99,7 +102,7 @@ def train_epoch(state, data: data_lib.DeviceData, calls: list[data_lib.Call],
   """
   start, totals, pending = time.perf_counter(), np.zeros(2), []
   for call in calls:
-    state, metrics = step.train_chunk(state, data.images, data.labels, *call)
+    state, metrics = step.train_chunk(state, data.images, data.labels, *call, grad_groups)
     pending.append((metrics, call.steps))
     if len(pending) == 2:
       totals = _report(*pending.pop(0), totals, progress)
@@ -128,14 +131,15 @@ def evaluate(state, data: data_lib.DeviceData, layout: data_lib.EvalLayout) -> d
 
 
 def compile_steps(state, train_data, test_data, call: data_lib.Call,
-                  layout: data_lib.EvalLayout) -> tuple[Any, float]:
+                  layout: data_lib.EvalLayout, grad_groups: int = step.GROUPS) -> tuple[Any, float]:
   """Compiles the training and evaluation calls; returns the state and the seconds it took.
 
   Each is called once with a trip count of 0: compiled (or found compiled) and run, doing nothing.
   """
   start = time.perf_counter()
   none = np.zeros_like(call.num_steps)
-  state, metrics = step.train_chunk(state, *train_data, *call._replace(num_steps=none))
+  state, metrics = step.train_chunk(state, *train_data, *call._replace(num_steps=none),
+                                    grad_groups)
   jax.block_until_ready((metrics, step.eval_chunk(state, *test_data, *layout[:2], none)))
   return state, time.perf_counter() - start
 
@@ -218,8 +222,9 @@ def _train(config, data: input_pipeline.Dataset, out: Outputs, position: Positio
     with out.console.progress(epoch, config.num_epochs, len(idx)) as bar:
       if compile_seconds is None:
         state, compile_seconds = _compile(bar, out.console.epoch_label(epoch, config.num_epochs),
-                                          state, train_data, test_data, calls[0], layout)
-      state, train_loss, seconds = train_epoch(state, train_data, calls, bar)
+                                          state, train_data, test_data, calls[0], layout,
+                                          config.grad_groups)
+      state, train_loss, seconds = train_epoch(state, train_data, calls, bar, config.grad_groups)
     record = _finish_epoch(epoch, train_loss, seconds, state, test_data, layout, len(data.train))
     out.metrics.add({**record, "dataset": data.name})
     out.console.epoch_done(record, config.num_epochs,

@@ -24,18 +24,18 @@ import jaxce
 from trainer.data import AXIS
 from trainer.data import normalize
 
-# A global batch's gradient is the sum of the gradients of this many equal groups of its rows (or
-# of the largest power of two dividing the batch size, if smaller).
+# By default a global batch's gradient is the sum of the gradients of this many equal groups of
+# its rows (or of the largest power of two dividing the batch size, if smaller).
 GROUPS = 8
 
 
-def num_groups(batch_size: int, devices: int = 1) -> int:
+def num_groups(batch_size: int, devices: int = 1, grad_groups: int = GROUPS) -> int:
   """How many equal groups of rows a global batch of ``batch_size`` is split into.
 
-  ``gcd(batch_size, 8)`` whenever ``devices`` divides it, so that 1, 2, 4 and 8 devices sum the
-  same groups; otherwise (3, 16, ... devices) one group per device.
+  ``gcd(batch_size, grad_groups)`` whenever ``devices`` divides it, so that every such device
+  count sums the same groups; otherwise (and with ``grad_groups=0``) one group per device.
   """
-  groups = math.gcd(batch_size, GROUPS)
+  groups = math.gcd(batch_size, grad_groups) if grad_groups else devices
   return groups if groups % devices == 0 else devices
 
 
@@ -71,34 +71,42 @@ def _sum_groups(tree):
   return jax.tree.map(_pairwise_sum, lax.all_gather(tree, AXIS))
 
 
+def _group_grad(state, images, labels, count, rows):
+  """The gradient and loss sum of the rows ``rows = (idx, valid)`` (the mean's share of them)."""
+  i, v = rows
+
+  def loss_fn(params):
+    logits = state.apply_fn({"params": params}, normalize(images[i]))
+    loss_sum = jaxce.sparse_cross_entropy(logits, labels[i], where=v[:, None], reduction="sum")
+    return loss_sum / jnp.maximum(count, 1.0), loss_sum
+
+  return jax.grad(loss_fn, has_aux=True)(state.params)
+
+
 def train_step(state: train_state.TrainState, images: jax.Array, labels: jax.Array,
-               idx: jax.Array, valid: jax.Array, count: jax.Array):
+               idx: jax.Array, valid: jax.Array, count: jax.Array, grad_groups: int = GROUPS):
   """One SGD step on this device's rows ``idx`` of a global batch holding ``count`` real rows.
 
   Rows with ``valid=False`` are padding. Returns the new state and the global batch's loss sum.
+  With ``grad_groups=0`` each device differentiates its rows at once and the gradients are
+  ``psum``med: fastest, but the last bits then depend on the device count.
   """
   devices = lax.axis_size(AXIS)
-  groups = num_groups(idx.shape[0] * devices, devices) // devices  # This device's.
-
-  def group_grad(rows):
-    i, v = rows
-
-    def loss_fn(params):
-      logits = state.apply_fn({"params": params}, normalize(images[i]))
-      loss_sum = jaxce.sparse_cross_entropy(logits, labels[i], where=v[:, None], reduction="sum")
-      return loss_sum / jnp.maximum(count, 1.0), loss_sum
-
-    return jax.grad(loss_fn, has_aux=True)(state.params)
+  if grad_groups == 0:
+    grads, loss_sum = _group_grad(state, images, labels, count, (idx, valid))
+    return state.apply_gradients(grads=_psum(grads)), _psum(loss_sum)
+  groups = num_groups(idx.shape[0] * devices, devices, grad_groups) // devices  # This device's.
 
   # A loop over the groups, not vmap: vmap would make one matmul of all this device's rows, and
   # a row's result depends on how many rows its matmul has.
-  grads, loss_sums = lax.map(group_grad, (idx.reshape(groups, -1), valid.reshape(groups, -1)))
+  grads, loss_sums = lax.map(functools.partial(_group_grad, state, images, labels, count),
+                             (idx.reshape(groups, -1), valid.reshape(groups, -1)))
   grads, loss_sum = _sum_groups((grads, loss_sums))
   return state.apply_gradients(grads=grads), loss_sum
 
 
-@functools.partial(jax.pmap, axis_name=AXIS, donate_argnums=(0,))
-def train_chunk(state, images, labels, idx, valid, count, num_steps):
+@functools.partial(jax.pmap, axis_name=AXIS, donate_argnums=(0,), static_broadcasted_argnums=(7,))
+def train_chunk(state, images, labels, idx, valid, count, num_steps, grad_groups=GROUPS):
   """The first ``num_steps`` steps of ``idx`` in one loop; returns the state, [loss sum, examples].
 
   Every call has the same shapes (one compilation); the last call of an epoch runs fewer steps
@@ -107,7 +115,7 @@ def train_chunk(state, images, labels, idx, valid, count, num_steps):
 
   def body(i, carry):
     state, loss_total, examples = carry
-    state, loss_sum = train_step(state, images, labels, idx[i], valid[i], count[i])
+    state, loss_sum = train_step(state, images, labels, idx[i], valid[i], count[i], grad_groups)
     return state, loss_total + loss_sum, examples + count[i]
 
   zero = jnp.zeros((), jnp.float32)
