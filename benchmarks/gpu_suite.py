@@ -199,6 +199,8 @@ def train_targets(train: dict) -> list[dict]:
             _ratio(seed_wall, ours), 10.0, at_least=True,
             detail="projected from the epochs done" if seed.get("timed_out") else ""),
       check("train.py: steady step / minimal jit + lax.scan step", step.get("ratio_of_mins"), 1.1),
+      check("train.py grad_groups=0: steady step / minimal jit + lax.scan step",
+            step.get("grad_groups_0_ratio_of_mins"), 1.1),
   ]
 
 
@@ -338,7 +340,9 @@ def render_markdown(results: dict) -> str:
                 f"{_fmt(step['reference_ms']['min'], 3)} ms (median "
                 f"{_fmt(step['reference_ms']['median'], 3)}); ratio "
                 f"{_fmt(step['ratio_of_mins'], 3)}x of minima, "
-                f"{_fmt(step['ratio_median'], 3)}x median of rounds."]
+                f"{_fmt(step['ratio_median'], 3)}x median of rounds. With `grad_groups=0`: "
+                f"{_fmt((step.get('train_py_grad_groups_0_ms') or {}).get('min'), 3)} ms, "
+                f"{_fmt(step.get('grad_groups_0_ratio_of_mins'), 3)}x of minima."]
     else:
       lines += ["", f"Steady-state step: {step.get('status')}: {error_line(step.get('error'))}"]
   errors = results.get("errors", {})

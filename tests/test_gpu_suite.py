@@ -103,13 +103,14 @@ class TestTargets:
     assert status == ["PASS", "FAIL", "PASS", "PASS"]  # 10/11, 10/9, 100/100, 10/8 = 1.25
 
   def test_train_targets_project_a_seed_run_cut_short(self):
-    train = {"train.py": {"wall_s": 10.0}, "step": {"ratio_of_mins": 1.05},
+    train = {"train.py": {"wall_s": 10.0},
+             "step": {"ratio_of_mins": 1.05, "grad_groups_0_ratio_of_mins": 1.2},
              "torch seed": {"wall_s": 60.0, "timed_out": True, "projected_wall_s": 120.0}}
-    speedup, step = gpu_suite.train_targets(train)
+    speedup, step, fast_step = gpu_suite.train_targets(train)
     assert speedup["value"] == pytest.approx(12.0) and speedup["status"] == "PASS"
     assert "projected" in speedup["detail"]
-    assert step["status"] == "PASS"
-    assert [t["status"] for t in gpu_suite.train_targets({})] == ["n/a", "n/a"]
+    assert step["status"] == "PASS" and fast_step["status"] == "FAIL"
+    assert [t["status"] for t in gpu_suite.train_targets({})] == ["n/a", "n/a", "n/a"]
 
   def test_evaluate_targets_takes_forward_backward_sparse_cases_only(self):
     fwd = {"shape": [8, 16], "dtype": "float32", "stage": "forward", "candidates": {}}
@@ -294,7 +295,7 @@ class TestSmokeRun:
                     "## Dense cross-entropy", "## train.py", "Steady-state step"):
       assert heading in markdown
     assert results["targets"] and all(t["target"] in markdown for t in results["targets"])
-    assert len(results["targets"]) == 8 + 4 * 2 + 2  # linear 8, sparse fwd+bwd 4 x 2, train 2
+    assert len(results["targets"]) == 8 + 4 * 2 + 3  # linear 8, sparse fwd+bwd 4 x 2, train 3
     assert results["meta"]["versions"]["jax"] and results["meta"]["smoke"]
     assert not results["errors"], results["errors"]
 
