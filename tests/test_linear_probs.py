@@ -18,12 +18,14 @@ from linear_helpers import make_inputs
 import jaxce
 
 BLOCKS = dict(token_chunk_size=4, chunk_size=5)  # overlapping last blocks on both axes
-COMBINATIONS = [(w, s, m, z, c, r) for (w, s), (m, z), c, r in itertools.product(
-    ((False, 0.0), (True, 0.0), (False, 0.2), (True, 0.2)),  # class weights, label smoothing
+# Each option on and off, with each reduction and both paths under the cap; every pair of
+# options meets in some case.
+COMBINATIONS = [(w, s, m, z, c, r) for (w, s), (m, z), (c, r) in itertools.product(
+    ((False, 0.0), (True, 0.2)),  # class weights, label smoothing
     ((False, 0.0), (True, 0.05)),  # where (per example), z-loss
-    (None, 3.0),  # softcap
-    ("none", "mean", "sum"),
-) if (w, s) in ((False, 0.0), (True, 0.2)) or (c is None and r != "sum")]
+    ((None, "none"), (None, "mean"), (None, "sum"), (3.0, "none"), (3.0, "mean")),  # softcap
+)] + [(w, s, m, z, None, "mean") for (w, s), (m, z) in itertools.product(
+    ((True, 0.0), (False, 0.2)), ((False, 0.0), (True, 0.05)))]
 
 
 def targets(n=N, v=V, seed=2):
