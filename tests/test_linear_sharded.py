@@ -240,7 +240,7 @@ DOCS_DRIVER = textwrap.dedent("""
 # Probability targets and the auxiliary outputs on a mesh: Explicit axes under set_mesh with
 # placed inputs, and Auto axes; values, gradients (hidden, weight, bias, targets) and aux.
 PROBS_AUX_DRIVER = textwrap.dedent(r"""
-    import json
+    import json, re
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import jaxce
@@ -282,14 +282,18 @@ PROBS_AUX_DRIVER = textwrap.dedent(r"""
           with jax.set_mesh(mesh):
             args = tuple(jax.device_put(a, NamedSharding(mesh, s))
                          for a, s in zip((h, w, b, q), specs))
-            got = objective(reduction, labels, **sharding)(*args)
+            fn = objective(reduction, labels, **sharding)
+            got = fn(*args)
+            hlo = fn.lower(*args).compile().as_text()
+          gathers = [int(np.prod([int(s) for s in m.split(",") if s]))
+                     for m in re.findall(r"= \w+\[([0-9,]*)\][^ ]* all-gather", hlo)]
           key = f"{kind}-{reduction}-{labels}"
           out[key] = dict(err=err(got, want),
                           predicted_equal=bool(jnp.all(got[0][1].predicted
                                                        == want[0][1].predicted)),
                           correct=int(jnp.sum(got[0][1].correct)),
                           grad_specs=[str(g.sharding.spec) for g in got[1]],
-                          lse_spec=str(got[0][1].lse.sharding.spec))
+                          lse_spec=str(got[0][1].lse.sharding.spec), gathers=gathers)
     print(json.dumps(out))
 """)
 
@@ -363,6 +367,8 @@ class ShardedTest(parameterized.TestCase):
       with self.subTest(case=case):
         self.assertLess(r["err"], 1e-5)
         self.assertTrue(r["predicted_equal"])
+        # Per-row numbers only: nothing near one device's share of the targets (64·32/8).
+        self.assertTrue(all(size < 64 * 32 // 8 for size in r["gathers"]), r["gathers"])
         if case.startswith("explicit"):  # each gradient has its input's sharding
           self.assertEqual(r["grad_specs"], [str(P("data", None)), str(P(None, "model")),
                                              str(P("model")), str(P("data", "model"))])

@@ -451,10 +451,7 @@ def _linear(config: Config, hidden, weight, bias, class_weights, labels, mask, s
   if not config.aux:
     return loss
   live = keep & ~bad
-  if dense:
-    wanted = _first_argmax(layout, probs)
-  else:
-    wanted = index
+  wanted = _core.row_argmax(probs) if dense else index  # the targets' argmax, lowest on ties
   correct = (predicted == wanted) & live
 
   def per_example(v):
@@ -463,9 +460,3 @@ def _linear(config: Config, hidden, weight, bias, class_weights, labels, mask, s
   return loss, _aux.CrossEntropyAux(per_example(lse), per_example(predicted),
                                     per_example(correct))
 
-
-def _first_argmax(layout, probs):
-  """Each row's most probable target class (the lowest on ties)."""
-  if layout.mesh is None:
-    return jnp.argmax(probs, axis=1).astype(jnp.int32)
-  return jnp.argmax(sharded.replicated(layout, probs), axis=1).astype(jnp.int32)
