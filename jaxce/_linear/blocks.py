@@ -220,8 +220,7 @@ def grad_scales(target: _core.Target, stats: Stats, g, g_lse=None) -> _core.Grad
                                stats.row, stats.smooth, g)
     scales = scales._replace(at_label=jnp.where(g == 0, 0.0, g * target.on_label))
   if g_lse is not None:
-    extra = jnp.where(g_lse == 0, 0.0, _common.safe_divide(g_lse, stats.row.total))
-    scales = scales._replace(probs=scales.probs + extra)
+    scales = scales._replace(probs=scales.probs + _core.lse_grad_scale(g_lse, stats.row))
   return scales
 
 
@@ -470,7 +469,7 @@ def class_weights_grad(x, scales: _core.GradScales, lse, probs=None) -> jax.Arra
     coef = scales.per_class[:, None]
   if probs is not None:
     coef = coef + scales.at_label[:, None] * probs.astype(x.dtype)
-  return jnp.sum(jnp.where(x > -jnp.inf, coef * (lse[:, None] - x), 0.0), axis=0)
+  return jnp.sum(coef * neg_log_probs(x, lse), axis=0)
 
 
 def probs_grad(x, scales: _core.GradScales, lse, class_weights):
